@@ -1,0 +1,45 @@
+"""Convert an mmseg 1.x / official SegNeXt torch checkpoint to a segnext-jax orbax checkpoint.
+
+  python convert/from_torch.py segnext_mscan-t_...pth -o converted/segnext_t
+Infers variant and num_classes from tensor shapes; fails with one line naming any missing,
+unexpected or mis-shaped tensor, and then writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from segnext_jax import convert_map
+from segnext_jax.checkpoint import save_model_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("checkpoint", type=Path, help="mmseg/official .pth (segmentor or MSCAN backbone)")
+  p.add_argument("-o", "--out", type=Path, help="output directory (default: <checkpoint stem>_jax)")
+  p.add_argument("--variant", choices=sorted(["t", "s", "b", "l"]), help="must match the shapes")
+  p.add_argument("--nmf-rank", type=int, default=16, help="NMF rank R (a config choice; mmseg 1.x: 16)")
+  p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (unsafe)")
+  p.add_argument("--force", action="store_true", help="replace an existing output directory")
+  args = p.parse_args(argv)
+  out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "_jax")
+  try:
+    if out.exists() and not args.force:
+      raise convert_map.ConversionError(f"{out} already exists (use --force to replace it)")
+    variables, meta, report = convert_map.convert_file(args.checkpoint, args.variant, args.nmf_rank, args.trust_pickle)
+    save_model_checkpoint(out, variables, meta, overwrite=args.force)
+  except convert_map.ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"{report.source_format}: variant {report.variant}, num_classes {report.num_classes}, "
+        f"{report.converted} tensors converted, {len(report.ignored)} ignored"
+        + (f" ({', '.join(report.ignored[:4])}{' ...' if len(report.ignored) > 4 else ''})" if report.ignored else ""))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  logging.getLogger("absl").setLevel(logging.ERROR)
+  sys.exit(main())

@@ -1,0 +1,136 @@
+"""LightHamHead: multi-level concat -> squeeze -> Hamburger (NMF2D) -> align -> classifier.
+
+Paper Sec. 3.2 and "Is Attention Better Than Matrix Decomposition?" (Geng et al. 2021); mirrors
+mmseg 1.x `mmseg/models/decode_heads/ham_head.py` in NHWC.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GN_EPS = 1e-5
+NMF_EPS = 1e-6
+Dtype = Any
+NMFGrad = Literal["unroll", "one_step"]
+
+
+def random_bases(key: jax.Array, batch: int, channels: int, rank: int) -> jax.Array:
+  """NMF initial bases as mmseg draws them: uniform [0, 1), L2-normalized along D. (B, D, R)."""
+  bases = jax.random.uniform(key, (batch, channels, rank), jnp.float32)
+  norm = jnp.linalg.norm(bases, axis=1, keepdims=True)
+  return bases / jnp.maximum(norm, 1e-12)  # torch F.normalize clamps the norm at 1e-12
+
+
+def _coef_update(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
+  """coef <- coef * (x^T B) / (coef (B^T B) + eps).  x (B,N,D), bases (B,D,R), coef (B,N,R)."""
+  num = jnp.einsum("bnd,bdr->bnr", x, bases)                              # (B,N,R)
+  den = jnp.einsum("bnr,brs->bns", coef, jnp.einsum("bdr,bds->brs", bases, bases))
+  return coef * num / (den + NMF_EPS)
+
+
+def _bases_update(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
+  """bases <- bases * (x coef) / (bases (coef^T coef) + eps)."""
+  num = jnp.einsum("bnd,bnr->bdr", x, coef)                               # (B,D,R)
+  den = jnp.einsum("bdr,brs->bds", bases, jnp.einsum("bnr,bns->brs", coef, coef))
+  return bases * num / (den + NMF_EPS)
+
+
+def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll") -> jax.Array:
+  """NMF2D with MD_S = 1 on a non-negative NHWC map x (B,H,W,C) and initial bases (B,C,R).
+
+  `steps` multiplicative updates (6 train, 7 eval), a final coef update, then x ~ coef @ bases^T.
+  grad='one_step' stops the gradient through the loop (Hamburger's one-step gradient).
+  Always computed in float32.
+  """
+  b, h, w, c = x.shape
+  dtype = x.dtype
+  xf = x.reshape(b, h * w, c).astype(jnp.float32)                         # (B,N,D)
+  bases = bases.astype(jnp.float32)
+  coef = jax.nn.softmax(jnp.einsum("bnd,bdr->bnr", xf, bases), axis=-1)   # inv_t = 1 in NMF2D
+  x_loop = jax.lax.stop_gradient(xf) if grad == "one_step" else xf
+  for _ in range(steps):
+    coef = _coef_update(x_loop, bases, coef)
+    bases = _bases_update(x_loop, bases, coef)
+  if grad == "one_step":
+    bases, coef = jax.lax.stop_gradient(bases), jax.lax.stop_gradient(coef)
+  coef = _coef_update(xf, bases, coef)
+  out = jnp.einsum("bnr,bdr->bnd", coef, bases)                           # (B,N,D)
+  return out.reshape(b, h, w, c).astype(dtype)
+
+
+class ConvGN(nn.Module):
+  """mmcv ConvModule(1x1, norm=GN(32)): conv (no bias) -> GroupNorm(32, eps 1e-5) [-> ReLU]."""
+  features: int
+  relu: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv")(x)
+    x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x)
+    return nn.relu(x) if self.relu else x
+
+
+class ConvBias(nn.Module):
+  """mmcv ConvModule(1x1, norm=None, act=None): a plain biased 1x1 conv under the key `conv`."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv")(x)
+
+
+class Hamburger(nn.Module):
+  """ham_in (1x1, bias) -> ReLU -> NMF2D -> ham_out (1x1 + GN) ; ReLU(x + ham_out)."""
+  rank: int = 16
+  train_steps: int = 6
+  eval_steps: int = 7
+  nmf_grad: NMFGrad = "unroll"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None) -> jax.Array:
+    c = x.shape[-1]
+    enjoy = nn.relu(ConvBias(c, self.dtype, name="ham_in")(x))
+    if bases is None:
+      bases = random_bases(self.make_rng("nmf"), x.shape[0], c, self.rank)
+    elif bases.shape != (x.shape[0], c, self.rank):
+      raise ValueError(f"nmf_bases has shape {bases.shape}, expected {(x.shape[0], c, self.rank)}")
+    steps = self.train_steps if train else self.eval_steps
+    enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad)
+    enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy)
+    return nn.relu(x + enjoy)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Bilinear resize of NHWC `x`, align_corners=False, no antialiasing (= torch F.interpolate)."""
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear", antialias=False)
+
+
+class LightHamHead(nn.Module):
+  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution."""
+  num_classes: int = 150
+  channels: int = 256
+  ham_channels: int = 256
+  nmf_rank: int = 16
+  dropout: float = 0.1
+  nmf_grad: NMFGrad = "unroll"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats: Sequence[jax.Array], *, train: bool,
+               nmf_bases: jax.Array | None = None) -> jax.Array:
+    size = feats[0].shape[1:3]
+    x = jnp.concatenate([resize_bilinear(f, size).astype(self.dtype) for f in feats], axis=-1)
+    x = ConvGN(self.ham_channels, dtype=self.dtype, name="squeeze")(x)
+    x = Hamburger(self.nmf_rank, nmf_grad=self.nmf_grad, dtype=self.dtype, name="hamburger")(
+        x, train=train, bases=nmf_bases)
+    x = ConvGN(self.channels, dtype=self.dtype, name="align")(x)
+    x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
+    return nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="conv_seg")(x)

@@ -1,0 +1,74 @@
+"""SegNeXt = MSCAN backbone + LightHamHead (paper Fig. 2/3); the variant table of the paper."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segnext_jax.depthwise import Impl
+from segnext_jax.ham_head import LightHamHead, NMFGrad
+from segnext_jax.mscan import MSCAN
+
+# One row per released variant (mmseg 1.x configs/segnext, ADE20K 512x512).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "t": dict(embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), head_channels=256, drop_path=0.1),
+    "s": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 4, 2), head_channels=256, drop_path=0.1),
+    "b": dict(embed_dims=(64, 128, 320, 512), depths=(3, 3, 12, 3), head_channels=512, drop_path=0.1),
+    "l": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), head_channels=1024, drop_path=0.3),
+}
+MLP_RATIOS = (8, 8, 4, 4)
+
+
+class SegNeXt(nn.Module):
+  """Images (B,H,W,3), normalized, -> logits (B, ceil(H/8), ceil(W/8), num_classes).
+
+  rng streams: 'nmf' (NMF initial bases, unless `nmf_bases` is given) and, in training,
+  'dropout' (DropPath, Dropout2d).
+  """
+  embed_dims: Sequence[int] = VARIANTS["t"]["embed_dims"]
+  depths: Sequence[int] = VARIANTS["t"]["depths"]
+  head_channels: int = 256
+  drop_path: float = 0.1
+  num_classes: int = 150
+  nmf_rank: int = 16
+  mlp_ratios: Sequence[float] = MLP_RATIOS
+  dropout: float = 0.1
+  nmf_grad: NMFGrad = "unroll"
+  remat: bool = False
+  dw_impl: Impl = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               nmf_bases: jax.Array | None = None) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
+    feats = MSCAN(self.embed_dims, self.depths, self.mlp_ratios, self.drop_path, self.remat,
+                  self.dw_impl, self.dtype, name="backbone")(images, train=train)
+    return LightHamHead(self.num_classes, self.head_channels, self.head_channels, self.nmf_rank,
+                        self.dropout, self.nmf_grad, self.dtype, name="decode_head")(
+                            feats[1:], train=train, nmf_bases=nmf_bases)
+
+
+def segnext(variant: str = "t", **overrides: Any) -> SegNeXt:
+  """Build a SegNeXt of a paper variant ('t', 's', 'b', 'l'); keyword overrides win."""
+  key = variant.lower()
+  if key not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+  return SegNeXt(**{**VARIANTS[key], **overrides})
+
+
+def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
+  """Random `{'params', 'batch_stats'}` for `model` (shapes do not depend on image_size)."""
+  k1, k2 = jax.random.split(key)
+  x = jnp.zeros((1, *image_size, 3), jnp.float32)
+  return dict(jax.jit(lambda a, b: model.init({"params": a, "nmf": b}, x, train=False))(k1, k2))
+
+
+def abstract_variables(model: SegNeXt) -> dict:
+  """Shapes/dtypes of the model's variables without computing anything (jax.eval_shape)."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  key = jax.random.key(0)
+  return dict(jax.eval_shape(lambda: model.init({"params": key, "nmf": key}, jnp.zeros(x.shape))))
