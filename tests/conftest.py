@@ -62,7 +62,7 @@ def randomize_(module, seed: int) -> None:
   with torch.no_grad():
     for name, p in module.named_parameters():
       if "layer_scale" in name:
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        p.copy_(0.1 + 0.3 * torch.rand(p.shape, generator=g))  # trained MSCANs: O(0.1)
       elif name.endswith("weight") and p.ndim == 1:  # BN / GN / LN scale
         p.copy_(0.6 + 0.8 * torch.rand(p.shape, generator=g))
       elif name.endswith("bias"):
@@ -70,11 +70,26 @@ def randomize_(module, seed: int) -> None:
       else:  # conv kernels: fan-in scaled so activations stay O(1)
         fan_in = p[0].numel()
         p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
-    for name, b in module.named_buffers():
-      if name.endswith("running_mean"):
-        b.copy_(0.2 * torch.randn(b.shape, generator=g))
-      elif name.endswith("running_var"):
-        b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+def calibrate_bn_(backbone, seed: int, size: int = 96) -> None:
+  """Set BN running stats to the batch stats of a random input (torch momentum 1.0), so that
+  eval-mode activations stay O(1) through deep random stacks, as in a trained network."""
+  import torch
+  bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  saved = [m.momentum for m in bns]
+  for m in bns:
+    m.momentum = 1.0
+  for m in backbone.modules():
+    if hasattr(m, "drop_prob"):
+      m.drop_prob = 0.0
+  g = torch.Generator().manual_seed(seed)
+  backbone.train()
+  with torch.no_grad():
+    backbone(torch.randn((2, 3, size, size), generator=g))
+  backbone.eval()
+  for m, mom in zip(bns, saved):
+    m.momentum = mom
 
 
 def segmentor_state_dict(backbone, head) -> dict:
@@ -92,6 +107,7 @@ class TorchReference:
     self.variant = variant
     self.backbone, self.head = mmseg_segmentor_modules(variant, num_classes)
     randomize_(self.backbone, seed)
+    calibrate_bn_(self.backbone, seed)
     randomize_(self.head, seed + 1)
     self.backbone.eval()
     self.head.eval()

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import FP32_ATOL, TorchReference
+
+GRAD_RTOL = 1e-3
 from segnext_jax import load_checkpoint, random_bases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,3 +56,75 @@ def test_parity_t_square(torch_ref_t, tmp_path):
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
 def test_parity_all_variants_333x479(variant, tmp_path):
   check_parity(TorchReference(variant, tmp_path, seed=7), tmp_path, batch=1, hw=(333, 479))
+
+
+def torch_train_step(ref: TorchReference, images: np.ndarray, labels: np.ndarray, bases: np.ndarray):
+  """mmseg training forward (BN batch stats, 6 NMF steps, no dropout) -> loss, grads, BN stats."""
+  import copy
+  import torch
+  backbone, head = copy.deepcopy(ref.backbone), copy.deepcopy(ref.head)
+  for m in backbone.modules():
+    if hasattr(m, "drop_prob"):
+      m.drop_prob = 0.0
+  head.dropout = None
+  backbone.train()
+  head.train()
+  b = torch.from_numpy(bases.copy())
+  head.hamburger.ham._build_bases = lambda B, S, D, R, device=None: b.clone()
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  logits = head(backbone(x))
+  from mmseg.structures import SegDataSample
+  from mmengine.structures import PixelData
+  samples = [SegDataSample(gt_sem_seg=PixelData(data=torch.from_numpy(l[None].astype(np.int64))))
+             for l in labels]
+  loss = head.loss_by_feat(logits, samples)["loss_ce"]
+  loss.backward()
+  grads = {f"backbone.{k}": p.grad.numpy() for k, p in backbone.named_parameters()}
+  grads.update({f"decode_head.{k}": p.grad.numpy() for k, p in head.named_parameters()})
+  stats = {f"backbone.{k}": v.numpy() for k, v in backbone.state_dict().items()}
+  return float(loss), grads, stats
+
+
+def test_train_mode_loss_and_grads_t(torch_ref_t, tmp_path):
+  from segnext_jax import convert_map
+  from segnext_jax.train_lib import seg_cross_entropy
+  out = tmp_path / "converted"
+  assert convert_cli(torch_ref_t.path, out).returncode == 0
+  model, variables = load_checkpoint(out, dropout=0.0, drop_path=0.0)
+  rng = np.random.default_rng(1)
+  images = rng.standard_normal((2, 61, 75, 3)).astype(np.float32)
+  labels = rng.integers(0, 150, (2, 61, 75)).astype(np.int32)
+  labels[:, :9] = 255  # some ignored pixels
+  bases = np.asarray(random_bases(jax.random.key(5), 2, model.head_channels, model.nmf_rank))
+  loss_t, grads_t, stats_t = torch_train_step(torch_ref_t, images, labels, bases)
+
+  def loss_fn(params):
+    logits, new = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                              train=True, nmf_bases=bases, mutable=["batch_stats"])
+    return seg_cross_entropy(logits, labels), new["batch_stats"]
+
+  (loss, new_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  assert abs(float(loss) - loss_t) <= 1e-5 * max(1.0, abs(loss_t)), (float(loss), loss_t)
+  target = {"params": variables["params"]}
+  grads_t_tree, _ = convert_map.convert_state_dict(grads_t, target)  # every param must get a grad
+  flat_j = convert_map.flatten(dict(grads))
+  flat_t = convert_map.flatten(grads_t_tree["params"])
+  assert flat_j.keys() == flat_t.keys()
+  # Conv biases right before a train-mode BN have an exactly-zero true gradient (BN removes the
+  # batch mean), so both sides are rounding noise there: check them against the global scale.
+  scale = max(float(np.abs(v).max()) for v in flat_t.values())
+  pre_bn = [k for k in flat_j if k[-1] == "bias" and k[2] in ("proj_0", "proj_3", "proj")]
+  assert len(pre_bn) == 5
+  for k in pre_bn:
+    assert float(np.abs(np.asarray(flat_j.pop(k))).max()) <= 1e-5 * scale, k
+  errs = {k: float(np.abs(np.asarray(flat_j[k]) - flat_t[k]).max()) / float(np.abs(flat_t[k]).max())
+          for k in flat_j}
+  worst = max(errs, key=errs.get)
+  print("worst relative gradient error %.2e at %s" % (errs[worst], "/".join(worst)))
+  assert errs[worst] <= GRAD_RTOL, f"gradient of {'/'.join(worst)}: relative max err {errs[worst]:.2e}"
+  stats_tree, _ = convert_map.convert_state_dict(
+      {k: v for k, v in stats_t.items() if "running" in k or "num_batches" in k},
+      {"batch_stats": variables["batch_stats"]})
+  for k, v in convert_map.flatten(stats_tree["batch_stats"]).items():
+    got = np.asarray(convert_map.flatten(dict(new_stats))[k])
+    np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-5, err_msg="/".join(k))
