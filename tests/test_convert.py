@@ -1,0 +1,137 @@
+"""The key map covers every variant, and bad checkpoints fail with one line and write nothing."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import mmseg_segmentor_modules, segmentor_state_dict
+from segnext_jax import convert_map
+from segnext_jax.checkpoint import load_tree, read_meta
+from segnext_jax.model import abstract_variables, segnext
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / "convert/from_torch.py"), *map(str, args)],
+                        capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def sd_t() -> dict:
+  torch.manual_seed(0)
+  return segmentor_state_dict(*mmseg_segmentor_modules("t"))
+
+
+def shapes_only(variant: str) -> dict:
+  backbone, head = mmseg_segmentor_modules(variant)
+  return {k: np.zeros(v.shape, np.float32) for k, v in segmentor_state_dict(backbone, head).items()}
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
+def test_every_key_of_every_variant_maps(variant):
+  sd = shapes_only(variant)
+  assert convert_map.infer_config(sd) == (variant, 150)
+  variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(segnext(variant)))
+  assert all(k.endswith("num_batches_tracked") for k in ignored)
+  n_target = len(convert_map.flatten(abstract_variables(segnext(variant))))
+  assert len(convert_map.flatten(variables)) == n_target == len(sd) - len(ignored)
+
+
+def test_conv_kernel_is_transposed_and_bn_goes_to_batch_stats(sd_t):
+  variables, _ = convert_map.convert_state_dict(sd_t, abstract_variables(segnext("t")))
+  w = sd_t["backbone.block1.0.attn.spatial_gating_unit.conv2_1.weight"].numpy()  # (C,1,1,21)
+  got = variables["params"]["backbone"]["block1_0"]["attn"]["spatial_gating_unit"]["conv2_1"]["kernel"]
+  np.testing.assert_array_equal(got, w.transpose(2, 3, 1, 0))
+  rv = sd_t["backbone.patch_embed2.norm.running_var"].numpy()
+  np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["patch_embed2"]["norm"]["var"], rv)
+
+
+def test_official_repo_alias_and_backbone_only(sd_t):
+  official = {k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv."): v for k, v in sd_t.items()}
+  assert convert_map._detect_format(official) == "official SegNeXt segmentor"
+  a, _ = convert_map.convert_state_dict(official, abstract_variables(segnext("t")))
+  backbone = {k[len("backbone."):]: v for k, v in sd_t.items() if k.startswith("backbone.")}
+  backbone.update({"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
+  assert convert_map._detect_format(backbone) == "mmseg MSCAN backbone"
+  b, ignored = convert_map.convert_state_dict(backbone, abstract_variables(segnext("t")), backbone_only=True)
+  assert {"head.weight", "head.bias"} <= set(ignored)
+  assert "decode_head" not in b["params"]
+  np.testing.assert_array_equal(a["params"]["backbone"]["block1_0"]["mlp"]["dwconv"]["kernel"],
+                                b["params"]["backbone"]["block1_0"]["mlp"]["dwconv"]["kernel"])
+
+
+def _write(tmp_path: Path, sd: dict, name: str = "ck.pth") -> Path:
+  path = tmp_path / name
+  torch.save({"meta": {}, "state_dict": sd}, path)
+  return path
+
+
+def _assert_fails(tmp_path: Path, ckpt: Path, *needles: str, extra: tuple = ()) -> str:
+  out = tmp_path / "out"
+  res = run_cli(ckpt, "-o", out, *extra)
+  assert res.returncode != 0
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+  for n in needles:
+    assert n in lines[0], (n, lines[0])
+  assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+  return lines[0]
+
+
+def test_cli_missing_tensor(tmp_path, sd_t):
+  sd = dict(sd_t)
+  del sd["backbone.block2.1.mlp.fc2.weight"]
+  _assert_fails(tmp_path, _write(tmp_path, sd), "1 missing", "backbone/block2_1/mlp/fc2/kernel")
+
+
+def test_cli_unexpected_tensor(tmp_path, sd_t):
+  sd = dict(sd_t, **{"decode_head.extra.weight": torch.zeros(3)})
+  _assert_fails(tmp_path, _write(tmp_path, sd), "1 unexpected", "decode_head.extra.weight")
+
+
+def test_cli_misshaped_tensor(tmp_path, sd_t):
+  sd = dict(sd_t, **{"decode_head.align.conv.weight": torch.zeros(256, 255, 1, 1)})
+  _assert_fails(tmp_path, _write(tmp_path, sd), "mis-shaped", "decode_head.align.conv.weight")
+
+
+def test_cli_truncated_and_non_checkpoint_files(tmp_path, sd_t):
+  good = _write(tmp_path, sd_t, "good.pth")
+  bad = tmp_path / "trunc.pth"
+  bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+  _assert_fails(tmp_path, bad, "trunc.pth", "not a readable torch checkpoint")
+  text = tmp_path / "notes.txt"
+  text.write_text("hello")
+  _assert_fails(tmp_path, text, "notes.txt")
+  _assert_fails(tmp_path, tmp_path / "absent.pth", "no such file")
+
+
+def test_cli_pickle_needs_trust(tmp_path, sd_t):
+  path = tmp_path / "pickled.pth"
+  torch.save({"state_dict": sd_t, "meta": {"cfg": Path("x")}}, path)  # a non-tensor object
+  _assert_fails(tmp_path, path, "--trust-pickle")
+  res = run_cli(path, "-o", tmp_path / "ok", "--trust-pickle")
+  assert res.returncode == 0, res.stderr
+
+
+def test_cli_variant_must_agree(tmp_path, sd_t):
+  _assert_fails(tmp_path, _write(tmp_path, sd_t), "variant 't'", extra=("--variant", "l"))
+
+
+def test_cli_writes_checkpoint_with_metadata(tmp_path, sd_t):
+  path = _write(tmp_path, sd_t)
+  res = run_cli(path, "-o", tmp_path / "conv", "--variant", "t")
+  assert res.returncode == 0, res.stderr
+  assert "mmseg segmentor: variant t, num_classes 150" in res.stdout
+  meta = read_meta(tmp_path / "conv")
+  assert meta["variant"] == "t" and meta["model"] == {"nmf_rank": 16, "num_classes": 150}
+  assert len(meta["source_sha256"]) == 64
+  tree = load_tree(tmp_path / "conv")
+  np.testing.assert_array_equal(tree["params"]["decode_head"]["conv_seg"]["bias"],
+                                sd_t["decode_head.conv_seg.bias"].numpy())
+  assert run_cli(path, "-o", tmp_path / "conv").returncode != 0  # refuses to overwrite

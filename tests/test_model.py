@@ -1,0 +1,116 @@
+"""Model unit tests on small inputs: shapes, sizes, depthwise backends, NMF determinism, modes."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segnext_jax import init_variables, nmf2d, random_bases, segnext
+from segnext_jax.depthwise import depthwise_conv2d
+from segnext_jax.model import abstract_variables
+
+PAPER_PARAMS_M = {"t": 4.3, "s": 13.9, "b": 27.6, "l": 48.9}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = segnext("t")
+  return model, init_variables(model, jax.random.key(0))
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
+def test_param_count_matches_paper(variant):
+  params = abstract_variables(segnext(variant))["params"]
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6
+  assert abs(n - PAPER_PARAMS_M[variant]) <= 0.05 * PAPER_PARAMS_M[variant], n
+
+
+@pytest.mark.parametrize("kernel", [(5, 5), (1, 7), (21, 1), (3, 3)])
+def test_depthwise_backends_agree_forward_and_backward(kernel):
+  kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(kx, (2, 13, 17, 6))
+  k = jax.random.normal(kk, (*kernel, 1, 6))
+  b = jax.random.normal(kb, (6,))
+  g = jax.random.normal(kg, (2, 13, 17, 6))
+  outs = {}
+  for impl in ("shift", "lax"):
+    f = lambda x, k, b: jnp.sum(depthwise_conv2d(x, k, b, impl=impl) * g)
+    outs[impl] = (depthwise_conv2d(x, k, b, impl=impl), jax.grad(f, argnums=(0, 1, 2))(x, k, b))
+  np.testing.assert_allclose(outs["shift"][0], outs["lax"][0], atol=1e-5)
+  for a, c in zip(outs["shift"][1], outs["lax"][1]):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_rejects_even_kernels():
+  with pytest.raises(ValueError, match="bad kernel"):
+    depthwise_conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 1, 2)))
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (33, 47), (17, 9)])
+def test_logits_are_stride_8_ceil(tiny, hw):
+  model, v = tiny
+  y = model.apply(v, jnp.zeros((2, *hw, 3)), rngs={"nmf": jax.random.key(0)})
+  assert y.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 150) and y.dtype == jnp.float32
+
+
+def test_same_nmf_key_is_bit_identical_and_keys_matter(tiny):
+  model, v = tiny
+  x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
+  f = jax.jit(lambda k: model.apply(v, x, rngs={"nmf": k}))
+  a, b, c = f(jax.random.key(7)), f(jax.random.key(7)), f(jax.random.key(8))
+  assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+  bases = random_bases(jax.random.key(7), 1, model.head_channels, model.nmf_rank)
+  np.testing.assert_allclose(np.linalg.norm(bases, axis=1), 1.0, rtol=1e-6)
+
+
+def test_nmf_reconstructs_a_low_rank_nonnegative_matrix():
+  kx, kc, kb = jax.random.split(jax.random.key(0), 3)
+  w = jax.random.uniform(kx, (1, 40, 4))          # (N, r) coefficients, D=32 bases of rank 4
+  h = jax.random.uniform(kc, (1, 4, 32))
+  x = (w @ h).reshape(1, 5, 8, 32)
+  bases = random_bases(kb, 1, 32, 8)
+  err0 = float(jnp.linalg.norm(nmf2d(x, bases, steps=0) - x))
+  err = float(jnp.linalg.norm(nmf2d(x, bases, steps=50) - x))
+  assert err < 0.1 * err0 and err < 0.05 * float(jnp.linalg.norm(x))
+
+
+def test_one_step_gradient_same_forward_different_grad():
+  x = jax.random.uniform(jax.random.key(0), (1, 4, 4, 32))
+  bases = random_bases(jax.random.key(1), 1, 32, 8)
+  f = lambda mode: (lambda x: jnp.sum(nmf2d(x, bases, 6, mode) ** 2))
+  np.testing.assert_allclose(f("unroll")(x), f("one_step")(x), rtol=1e-6)
+  g1, g2 = jax.grad(f("unroll"))(x), jax.grad(f("one_step"))(x)
+  assert np.all(np.isfinite(g2)) and not np.allclose(g1, g2)
+
+
+def test_train_mode_needs_dropout_rng_and_updates_batch_stats(tiny):
+  model, v = tiny
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  y, new = model.apply(v, x, train=True, mutable=["batch_stats"],
+                       rngs={"nmf": jax.random.key(0), "dropout": jax.random.key(1)})
+  assert y.shape == (2, 4, 4, 150)
+  old_mean = v["batch_stats"]["backbone"]["patch_embed2"]["norm"]["mean"]
+  assert not np.allclose(new["batch_stats"]["backbone"]["patch_embed2"]["norm"]["mean"], old_mean)
+
+
+def test_remat_and_bf16_agree_with_fp32(tiny):
+  model, v = tiny
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  rngs = {"nmf": jax.random.key(0)}
+  ref = model.apply(v, x, rngs=rngs)
+  np.testing.assert_allclose(segnext("t", remat=True).apply(v, x, rngs=rngs), ref, atol=1e-5)
+  bf16 = segnext("t", dtype=jnp.bfloat16).apply(v, x, rngs=rngs)
+  assert bf16.dtype == jnp.float32
+  assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(ref, -1))) > 0.8
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+  model, v = tiny
+  with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\)"):
+    model.apply(v, jnp.zeros((1, 3, 32, 32)), rngs={"nmf": jax.random.key(0)})
+  with pytest.raises(ValueError, match="nmf_bases has shape"):
+    model.apply(v, jnp.zeros((1, 32, 32, 3)), nmf_bases=jnp.zeros((1, 256, 4)))
+  with pytest.raises(ValueError, match="unknown variant"):
+    segnext("xl")
