@@ -15,6 +15,9 @@ GN_EPS = 1e-5
 NMF_EPS = 1e-6
 Dtype = Any
 NMFGrad = Literal["unroll", "one_step"]
+# mmcv ConvModule: kaiming normal (fan_out, relu); BaseDecodeHead: conv_seg ~ N(0, 0.01).
+KAIMING = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+CLS_INIT = nn.initializers.normal(0.01)
 
 
 def random_bases(key: jax.Array, batch: int, channels: int, rank: int) -> jax.Array:
@@ -69,7 +72,8 @@ class ConvGN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=KAIMING,
+                name="conv")(x)
     x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x)
     return nn.relu(x) if self.relu else x
 
@@ -81,7 +85,7 @@ class ConvBias(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv")(x)
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype, kernel_init=KAIMING, name="conv")(x)
 
 
 class Hamburger(nn.Module):
@@ -133,4 +137,5 @@ class LightHamHead(nn.Module):
         x, train=train, bases=nmf_bases)
     x = ConvGN(self.channels, dtype=self.dtype, name="align")(x)
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
-    return nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, name="conv_seg")(x)
+    return nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, kernel_init=CLS_INIT,
+                   name="conv_seg")(x)

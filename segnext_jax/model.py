@@ -45,6 +45,9 @@ class SegNeXt(nn.Module):
                nmf_bases: jax.Array | None = None) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
+    want = (images.shape[0], self.head_channels, self.nmf_rank)
+    if nmf_bases is not None and tuple(nmf_bases.shape) != want:
+      raise ValueError(f"nmf_bases has shape {tuple(nmf_bases.shape)}, expected {want} (B, C, R)")
     feats = MSCAN(self.embed_dims, self.depths, self.mlp_ratios, self.drop_path, self.remat,
                   self.dw_impl, self.dtype, name="backbone")(images, train=train)
     return LightHamHead(self.num_classes, self.head_channels, self.head_channels, self.nmf_rank,
@@ -64,7 +67,8 @@ def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] =
   """Random `{'params', 'batch_stats'}` for `model` (shapes do not depend on image_size)."""
   k1, k2 = jax.random.split(key)
   x = jnp.zeros((1, *image_size, 3), jnp.float32)
-  return dict(jax.jit(lambda a, b: model.init({"params": a, "nmf": b}, x, train=False))(k1, k2))
+  fast = model.clone(dw_impl="lax", remat=False)  # same variables; compiles several times faster
+  return dict(jax.jit(lambda a, b: fast.init({"params": a, "nmf": b}, x, train=False))(k1, k2))
 
 
 def abstract_variables(model: SegNeXt) -> dict:

@@ -18,6 +18,9 @@ BN_EPS = 1e-5
 LN_EPS = 1e-5
 LAYER_SCALE_INIT = 1e-2
 Dtype = Any
+# mmseg MSCAN.init_weights: conv kernels ~ N(0, 2 / fan_out), fan_out = kh*kw*out/groups.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+DW_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_in = kh*kw for depthwise
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -30,7 +33,7 @@ def conv(features: int, kernel: int, stride: int = 1, *, bias: bool = True, name
   """A torch-style Conv2d: explicit symmetric padding k // 2 (never 'SAME')."""
   p = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
-                 use_bias=bias, dtype=dtype, name=name)
+                 use_bias=bias, dtype=dtype, kernel_init=CONV_INIT, name=name)
 
 
 class BatchNorm(nn.Module):
@@ -74,7 +77,7 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel_size, 1, c))
+    kernel = self.param("kernel", DW_INIT, (*self.kernel_size, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     return depthwise_conv2d(x.astype(self.dtype), kernel, bias, impl=self.impl)
 

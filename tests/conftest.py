@@ -130,5 +130,13 @@ class TorchReference:
 
 
 @pytest.fixture(scope="session")
+def t_variables():
+  """Random SegNeXt-T variables (initialised once per session: XLA:CPU compiles init slowly)."""
+  import jax
+  from segnext_jax import init_variables, segnext
+  return init_variables(segnext("t"), jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
 def torch_ref_t(tmp_path_factory):
   return TorchReference("t", tmp_path_factory.mktemp("ref_t"))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segnext_jax import init_variables, nmf2d, random_bases, segnext
+from segnext_jax import nmf2d, random_bases, segnext
 from segnext_jax.depthwise import depthwise_conv2d
 from segnext_jax.model import abstract_variables
 
@@ -14,9 +14,8 @@ PAPER_PARAMS_M = {"t": 4.3, "s": 13.9, "b": 27.6, "l": 48.9}
 
 
 @pytest.fixture(scope="module")
-def tiny():
-  model = segnext("t")
-  return model, init_variables(model, jax.random.key(0))
+def tiny(t_variables):
+  return segnext("t"), t_variables
 
 
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
@@ -50,7 +49,7 @@ def test_depthwise_rejects_even_kernels():
 @pytest.mark.parametrize("hw", [(64, 64), (33, 47), (17, 9)])
 def test_logits_are_stride_8_ceil(tiny, hw):
   model, v = tiny
-  y = model.apply(v, jnp.zeros((2, *hw, 3)), rngs={"nmf": jax.random.key(0)})
+  y = jax.jit(lambda v, x: model.apply(v, x, rngs={"nmf": jax.random.key(0)}))(v, jnp.zeros((2, *hw, 3)))
   assert y.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 150) and y.dtype == jnp.float32
 
 
@@ -88,8 +87,9 @@ def test_one_step_gradient_same_forward_different_grad():
 def test_train_mode_needs_dropout_rng_and_updates_batch_stats(tiny):
   model, v = tiny
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  y, new = model.apply(v, x, train=True, mutable=["batch_stats"],
-                       rngs={"nmf": jax.random.key(0), "dropout": jax.random.key(1)})
+  y, new = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, mutable=["batch_stats"],
+      rngs={"nmf": jax.random.key(0), "dropout": jax.random.key(1)}))(v, x)
   assert y.shape == (2, 4, 4, 150)
   old_mean = v["batch_stats"]["backbone"]["patch_embed2"]["norm"]["mean"]
   assert not np.allclose(new["batch_stats"]["backbone"]["patch_embed2"]["norm"]["mean"], old_mean)
@@ -98,10 +98,10 @@ def test_train_mode_needs_dropout_rng_and_updates_batch_stats(tiny):
 def test_remat_and_bf16_agree_with_fp32(tiny):
   model, v = tiny
   x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
-  rngs = {"nmf": jax.random.key(0)}
-  ref = model.apply(v, x, rngs=rngs)
-  np.testing.assert_allclose(segnext("t", remat=True).apply(v, x, rngs=rngs), ref, atol=1e-5)
-  bf16 = segnext("t", dtype=jnp.bfloat16).apply(v, x, rngs=rngs)
+  run = lambda m: jax.jit(lambda v, x: m.apply(v, x, rngs={"nmf": jax.random.key(0)}))(v, x)
+  ref = run(model)
+  np.testing.assert_allclose(run(segnext("t", remat=True)), ref, atol=1e-5)
+  bf16 = run(segnext("t", dtype=jnp.bfloat16))
   assert bf16.dtype == jnp.float32
   assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(ref, -1))) > 0.8
 
