@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segnext_jax.layers import Conv1x1
+
 GN_EPS = 1e-5
 NMF_EPS = 1e-6
 Dtype = Any
@@ -72,8 +74,7 @@ class ConvGN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=KAIMING,
-                name="conv")(x)
+    x = Conv1x1(self.features, False, self.dtype, KAIMING, name="conv")(x)
     x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x)
     return nn.relu(x) if self.relu else x
 
@@ -85,7 +86,7 @@ class ConvBias(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype, kernel_init=KAIMING, name="conv")(x)
+    return Conv1x1(self.features, True, self.dtype, KAIMING, name="conv")(x)
 
 
 class Hamburger(nn.Module):
@@ -137,5 +138,4 @@ class LightHamHead(nn.Module):
         x, train=train, bases=nmf_bases)
     x = ConvGN(self.channels, dtype=self.dtype, name="align")(x)
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
-    return nn.Conv(self.num_classes, (1, 1), dtype=jnp.float32, kernel_init=CLS_INIT,
-                   name="conv_seg")(x)
+    return Conv1x1(self.num_classes, True, jnp.float32, CLS_INIT, name="conv_seg")(x)

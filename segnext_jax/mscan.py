@@ -13,27 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from segnext_jax.depthwise import Impl, depthwise_conv2d
+from segnext_jax.layers import conv
 
 BN_EPS = 1e-5
 LN_EPS = 1e-5
 LAYER_SCALE_INIT = 1e-2
 Dtype = Any
-# mmseg MSCAN.init_weights: conv kernels ~ N(0, 2 / fan_out), fan_out = kh*kw*out/groups.
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DW_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_in = kh*kw for depthwise
 
 
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, as torch's nn.GELU; flax's default is the tanh approximation."""
   return nn.gelu(x, approximate=False)
-
-
-def conv(features: int, kernel: int, stride: int = 1, *, bias: bool = True, name: str,
-         dtype: Dtype = jnp.float32) -> nn.Conv:
-  """A torch-style Conv2d: explicit symmetric padding k // 2 (never 'SAME')."""
-  p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((p, p), (p, p)),
-                 use_bias=bias, dtype=dtype, kernel_init=CONV_INIT, name=name)
 
 
 class BatchNorm(nn.Module):
