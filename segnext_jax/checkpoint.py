@@ -57,7 +57,10 @@ def build_model(meta: dict[str, Any], **overrides: Any) -> SegNeXt:
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, **overrides: Any) -> tuple[SegNeXt, dict]:
-  """Load a converted (or exported) checkpoint: returns (model, {'params', 'batch_stats'})."""
+  """Load a converted checkpoint or a train.py workdir (its latest step):
+  returns (model, {'params', 'batch_stats'})."""
+  if (Path(ckpt_dir) / "checkpoints").is_dir() and not (Path(ckpt_dir) / META_FILE).exists():
+    return load_training_checkpoint(ckpt_dir, **overrides)
   meta = read_meta(ckpt_dir)
   if meta.get("backbone_only"):
     raise ValueError(f"{ckpt_dir} holds only an MSCAN backbone; use it as train.py --pretrained")
@@ -72,3 +75,41 @@ def load_tree(ckpt_dir: str | os.PathLike) -> dict:
   """The raw stored variables tree (no model needed), as numpy arrays."""
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(Path(ckpt_dir).absolute() / TREE_DIR)
+
+
+def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None,
+                             **overrides: Any) -> tuple[SegNeXt, dict]:
+  """(model, variables) from a train.py workdir: only the 'model' and 'meta' items are read."""
+  mngr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=("model", "opt", "meta"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoints yet")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  model = build_model(meta, **overrides)
+  target = abstract_variables(model)
+  got = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+  mngr.close()
+  return model, dict(got.model)
+
+
+def any_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+  """The metadata of a converted checkpoint or of a train.py workdir's latest step."""
+  path = Path(ckpt_dir) / META_FILE
+  if path.is_file():
+    return json.loads(path.read_text())
+  mngr = ocp.CheckpointManager(Path(ckpt_dir).absolute() / "checkpoints", item_names=("model", "opt", "meta"))
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"{ckpt_dir}: neither a converted checkpoint nor a train.py workdir")
+  meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  mngr.close()
+  return dict(meta)
+
+
+def class_names(ckpt_dir: str | os.PathLike) -> list[str] | None:
+  """Class names stored with a checkpoint (training runs store them; converted ADE20K: None)."""
+  return any_meta(ckpt_dir).get("class_names")
+
+
+def train_config(ckpt_dir: str | os.PathLike) -> dict | None:
+  """The TrainConfig (as a dict) of a train.py workdir; None for converted checkpoints."""
+  return any_meta(ckpt_dir).get("config")

@@ -20,3 +20,20 @@ def t_variables():
 @pytest.fixture(scope="session")
 def torch_ref_t(tmp_path_factory):
   return TorchReference("t", tmp_path_factory.mktemp("ref_t"))
+
+
+@pytest.fixture
+def tiny_variant(monkeypatch):
+  """A 'test' variant (flax _ResNet1 idea): fast to compile, same code paths as T."""
+  from segnext_jax.model import VARIANTS
+  monkeypatch.setitem(VARIANTS, "test", dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1),
+                                             head_channels=32, drop_path=0.1))
+  return "test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Share compiled programs between the runs of one session (e.g. train, then resume)."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

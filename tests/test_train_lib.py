@@ -1,0 +1,132 @@
+"""Training: optimizer rules and schedule against mmengine, loss decrease, sharding, exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import mmseg_segmentor_modules
+from segnext_jax import convert_map, segnext
+from segnext_jax.model import abstract_variables
+from segnext_jax.train_lib import (TrainConfig, lr_schedule, param_group, param_name,
+                                   train_and_evaluate)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_param_groups_match_mmengine_constructor():
+  """lr and weight decay of every parameter equal what mmengine builds from the mmseg config."""
+  import torch
+  from mmengine.optim import DefaultOptimWrapperConstructor
+  backbone, head = mmseg_segmentor_modules("t")
+  seg = torch.nn.Module()
+  seg.backbone, seg.decode_head = backbone, head
+  cfg = TrainConfig()
+  wrapper = DefaultOptimWrapperConstructor(dict(
+      type="OptimWrapper",
+      optimizer=dict(type="AdamW", lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
+      paramwise_cfg=dict(custom_keys={"pos_block": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0),
+                                      "head": dict(lr_mult=10.0)})))(seg)
+  names = {id(p): n for n, p in seg.named_parameters()}
+  ref = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in wrapper.optimizer.param_groups
+         for p in g["params"]}
+  target = {"params": abstract_variables(segnext("t"))["params"]}
+  ours = {}
+  for torch_name in ref:
+    path, _ = convert_map.map_key(torch_name, convert_map.flatten(target))
+    group, decay = param_group(param_name(path[1:]))
+    ours[torch_name] = (cfg.lr * (cfg.head_lr_mult if group == "head_lr" else 1.0),
+                        cfg.weight_decay * decay)
+  assert len(ref) == len(convert_map.flatten(target))
+  bad = {k: (ours[k], ref[k]) for k in ref if not np.allclose(ours[k], ref[k], rtol=1e-9, atol=0)}
+  assert not bad, bad
+  no_decay = sorted(k for k, v in ref.items() if v[1] == 0)
+  assert "backbone.patch_embed1.proj.1.weight" not in no_decay  # stem BN decays (mmseg quirk)
+  assert "backbone.block1.0.norm1.weight" in no_decay and "backbone.norm4.bias" in no_decay
+
+
+def test_schedule_matches_mmengine_linear_then_poly():
+  import torch
+  from mmengine.optim.scheduler import LinearLR, PolyLR
+  cfg = TrainConfig(steps=120, warmup_steps=15)
+  opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+  scheds = [LinearLR(opt, start_factor=1e-6, by_epoch=False, begin=0, end=15),
+            PolyLR(opt, power=1.0, eta_min=0.0, by_epoch=False, begin=15, end=120)]
+  ours = lr_schedule(cfg)
+  for step in range(120):
+    assert abs(float(ours(step)) - opt.param_groups[0]["lr"]) <= 1e-6 * cfg.lr, step
+    opt.step()
+    for s in scheds:
+      s.step()
+  assert float(ours(0)) == pytest.approx(cfg.lr * 1e-6) and float(ours(120)) == 0.0
+
+
+def _tiny_cfg(tmp_path, variant, **kw) -> TrainConfig:
+  base = dict(variant=variant, steps=6, batch_size=4, crop_size=64, resize_scale=(256, 64),
+              warmup_steps=2, eval_every=1000, ckpt_every=3, log_every=1, workers=2,
+              workdir=str(tmp_path / "run"))
+  return TrainConfig.for_data("synthetic", **{**base, **kw})
+
+
+def test_loss_decreases_and_resume_is_exact(tmp_path, tiny_variant):
+  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", tiny_variant, steps=12, ckpt_every=6),
+                                progress=False)
+  losses = [l for _, l in straight["history"]["loss"]]
+  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+  cfg_b = _tiny_cfg(tmp_path / "b", tiny_variant, steps=12, ckpt_every=6)
+  first = train_and_evaluate(cfg_b, stop_after=6, progress=False)  # "killed" after step 6
+  assert int(first["state"].step) == 6
+  resumed = train_and_evaluate(cfg_b, progress=False)
+  assert int(resumed["state"].step) == 12
+  assert [l for _, l in resumed["history"]["loss"]] == losses[6:]
+  for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(resumed["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
+  assert ckpts == ["12", "6"]
+
+
+STEP_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from segnext_jax.model import VARIANTS, init_variables
+VARIANTS["test"] = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32, drop_path=0.1)
+from segnext_jax.train_lib import *
+cfg = TrainConfig.for_data("synthetic", variant="test", batch_size=8, warmup_steps=0)
+model = build_model(cfg, 6)
+mesh = make_mesh()
+state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+rng = np.random.default_rng(0)
+batch = dict(image=rng.standard_normal((8, 48, 48, 3)).astype(np.float32),
+             label=rng.integers(0, 6, (8, 48, 48)).astype(np.int32))
+step = jit_train_step(cfg, mesh)
+state, m = step(state, shard_batch(batch, mesh), jax.random.key(1))
+stats = jax.tree.leaves(state.batch_stats)
+print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=float(m["grad_norm"]),
+                      params=[float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(state.params)],
+                      stats=[float(np.asarray(s).sum()) for s in stats])))
+"""
+
+
+def _run_step(devices: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests"))],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-2000:]
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_eight_host_devices_match_one():
+  one, eight = _run_step(1), _run_step(8)
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  assert eight["gnorm"] == pytest.approx(one["gnorm"], rel=1e-4)
+  np.testing.assert_allclose(eight["stats"], one["stats"], rtol=1e-4, atol=1e-5)  # global-batch BN
+  np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-5)
