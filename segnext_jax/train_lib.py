@@ -110,13 +110,16 @@ def param_group(name: str) -> tuple[str, float]:
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """mmengine LinearLR(start_factor, end=warmup) then PolyLR(power, eta_min=0, end=steps)."""
+  """mmengine LinearLR(start_factor, begin=0, end=warmup) then PolyLR(power, eta_min=0,
+  begin=warmup, end=steps). mmengine spans end - begin - 1 steps: the warm-up reaches the base lr
+  at step warmup - 1 and the decay reaches 0 at step steps - 1."""
+  w, total = cfg.warmup_steps, cfg.steps
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / max(cfg.warmup_steps, 1)
-    frac = jnp.clip((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 0.0, 1.0)
+    warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * jnp.minimum(step / max(w - 1, 1), 1.0)
+    frac = jnp.clip((step - w) / max(total - w - 1, 1), 0.0, 1.0)
     poly = (1.0 - frac) ** cfg.poly_power
-    return cfg.lr * jnp.where(step < cfg.warmup_steps, warm, poly)
+    return cfg.lr * jnp.where(step < w, warm, poly)
   return schedule
 
 

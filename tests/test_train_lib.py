@@ -30,9 +30,9 @@ def test_param_groups_match_mmengine_constructor():
   cfg = TrainConfig()
   wrapper = DefaultOptimWrapperConstructor(dict(
       type="OptimWrapper",
-      optimizer=dict(type="AdamW", lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay),
+      optimizer=dict(type="AdamW", lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)),
       paramwise_cfg=dict(custom_keys={"pos_block": dict(decay_mult=0.0), "norm": dict(decay_mult=0.0),
-                                      "head": dict(lr_mult=10.0)})))(seg)
+                                      "head": dict(lr_mult=10.0)}))(seg)
   names = {id(p): n for n, p in seg.named_parameters()}
   ref = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in wrapper.optimizer.param_groups
          for p in g["params"]}
@@ -64,7 +64,7 @@ def test_schedule_matches_mmengine_linear_then_poly():
     opt.step()
     for s in scheds:
       s.step()
-  assert float(ours(0)) == pytest.approx(cfg.lr * 1e-6) and float(ours(120)) == 0.0
+  assert float(ours(0)) == pytest.approx(cfg.lr * 1e-6) and float(ours(119)) == 0.0
 
 
 def _tiny_cfg(tmp_path, variant, **kw) -> TrainConfig:
@@ -74,11 +74,30 @@ def _tiny_cfg(tmp_path, variant, **kw) -> TrainConfig:
   return TrainConfig.for_data("synthetic", **{**base, **kw})
 
 
-def test_loss_decreases_and_resume_is_exact(tmp_path, tiny_variant):
+def test_loss_decreases_on_a_fixed_batch(tiny_variant):
+  from segnext_jax.data.datasets import Synthetic
+  from segnext_jax.data.transforms import normalize
+  from segnext_jax.model import init_variables
+  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+  cfg = TrainConfig.for_data("synthetic", variant=tiny_variant, steps=30, warmup_steps=1, lr=3e-3)
+  ds = Synthetic(size=64)
+  batch = {"image": np.stack([normalize(ds[i][0]) for i in range(4)]),
+           "label": np.stack([ds[i][1] for i in range(4)]).astype(np.int32)}
+  model = build_model(cfg, ds.num_classes)
+  mesh = make_mesh()
+  state = create_train_state(cfg, model, init_variables(model, jax.random.key(0)))
+  step = jit_train_step(cfg, mesh)
+  losses = []
+  for _ in range(25):
+    state, m = step(state, shard_batch(batch, mesh), jax.random.key(1))
+    losses.append(float(m["loss"]))
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def test_resume_is_exact(tmp_path, tiny_variant):
   straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", tiny_variant, steps=12, ckpt_every=6),
                                 progress=False)
   losses = [l for _, l in straight["history"]["loss"]]
-  assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
   cfg_b = _tiny_cfg(tmp_path / "b", tiny_variant, steps=12, ckpt_every=6)
   first = train_and_evaluate(cfg_b, stop_after=6, progress=False)  # "killed" after step 6
   assert int(first["state"].step) == 6
@@ -108,25 +127,29 @@ batch = dict(image=rng.standard_normal((8, 48, 48, 3)).astype(np.float32),
              label=rng.integers(0, 6, (8, 48, 48)).astype(np.int32))
 step = jit_train_step(cfg, mesh)
 state, m = step(state, shard_batch(batch, mesh), jax.random.key(1))
-stats = jax.tree.leaves(state.batch_stats)
-print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=float(m["grad_norm"]),
-                      params=[float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(state.params)],
-                      stats=[float(np.asarray(s).sum()) for s in stats])))
+np.savez(sys.argv[1], params=np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]),
+         stats=np.concatenate([np.ravel(s) for s in jax.tree.leaves(state.batch_stats)]),
+         lr=float(m["lr"]))
+print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=float(m["grad_norm"]))))
 """
 
 
-def _run_step(devices: int) -> dict:
+def _run_step(devices: int, out: Path) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests"))],
+  res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests")), str(out)],
                        capture_output=True, text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-2000:]
-  return json.loads(res.stdout.strip().splitlines()[-1])
+  return {**json.loads(res.stdout.strip().splitlines()[-1]), **np.load(out)}
 
 
-def test_eight_host_devices_match_one():
-  one, eight = _run_step(1), _run_step(8)
+def test_eight_host_devices_match_one(tmp_path):
+  one, eight = _run_step(1, tmp_path / "one.npz"), _run_step(8, tmp_path / "eight.npz")
   assert (one["devices"], eight["devices"]) == (1, 8)
   assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
   assert eight["gnorm"] == pytest.approx(one["gnorm"], rel=1e-4)
-  np.testing.assert_allclose(eight["stats"], one["stats"], rtol=1e-4, atol=1e-5)  # global-batch BN
-  np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-5)
+  np.testing.assert_allclose(eight["stats"], one["stats"], rtol=1e-4, atol=1e-6)  # global-batch BN
+  # Adam's first step moves every parameter by about lr * sign(g): parameters whose true gradient
+  # is 0 (conv biases before a train-mode BN) follow rounding noise, so allow 2 lr there.
+  np.testing.assert_allclose(eight["params"], one["params"], rtol=0, atol=2 * float(one["lr"]))
+  moved = np.abs(eight["params"] - one["params"]) > 1e-6
+  assert moved.mean() < 0.01, moved.mean()
