@@ -44,7 +44,7 @@ def metrics_from_confusion(cm: np.ndarray) -> dict:
 # Test pipeline (mmseg 1.x ADE20K): keep-ratio resize to fit `scale`, normalize, pad to /32;
 # logits -> bilinear to the padded size -> crop the padding -> bilinear to the original size.
 
-def test_resize(img: np.ndarray, scale: tuple[int, int], ratio: float = 1.0) -> np.ndarray:
+def keep_ratio_resize(img: np.ndarray, scale: tuple[int, int], ratio: float = 1.0) -> np.ndarray:
   hw = rescale_size(img.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
   return resize_image(img, hw)
 
@@ -122,7 +122,7 @@ class Predictor:
   def prepare(self, img: np.ndarray, ratio: float = 1.0,
               flip: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """uint8 RGB -> (normalized, [flipped,] padded to /divisor at bottom-right, resized (h, w))."""
-    x = normalize(test_resize(img, self.cfg.scale, ratio))
+    x = normalize(keep_ratio_resize(img, self.cfg.scale, ratio))
     x = x[:, ::-1] if flip else x
     return pad_to(x, padded_shape(x.shape[:2], self.cfg.size_divisor)), x.shape[:2]
 
