@@ -102,4 +102,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from segnext_jax.cpu_runtime import reexec_with_huge_pages
+  reexec_with_huge_pages()
   sys.exit(main())

@@ -65,4 +65,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  from segnext_jax.cpu_runtime import reexec_with_huge_pages
+  reexec_with_huge_pages()
   main()

@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax.ham_head import resize_bilinear
 from segnext_jax.model import SegNeXt, init_variables, segnext
 
 log = logging.getLogger("segnext_jax.train")
@@ -25,15 +24,64 @@ log = logging.getLogger("segnext_jax.train")
 IGNORE_INDEX = 255
 
 
-def seg_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
-  """mmseg CrossEntropyLoss: logits (B,h,w,K) upsampled bilinearly to the labels' (B,H,W) size,
-  softmax CE, ignored pixels contribute 0, averaged over ALL pixels (avg_non_ignore=False)."""
-  logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+  """(n_out, n_in) weights of torch's bilinear resize along one axis, align_corners=False."""
+  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = (src - i0).astype(np.float32)
+  m = np.zeros((n_out, n_in), np.float32)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
+  np.add.at(m, (np.arange(n_out), i1), lam)
+  return m
+
+
+def _upsample(logits: jax.Array, ah: np.ndarray, aw: np.ndarray) -> jax.Array:
+  x = jnp.einsum("Hh,bhwk->bHwk", ah, logits)      # (B,H,w,K)
+  return jnp.einsum("Ww,bHwk->bHWk", aw, x)        # (B,H,W,K)
+
+
+@jax.custom_vjp
+def _upsampled_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  ah, aw = _matrices(logits, labels)
+  up = _upsample(logits, ah, aw)
+  valid = labels != IGNORE_INDEX
+  picked = jnp.take_along_axis(up, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(up, axis=-1) - picked
   return jnp.sum(jnp.where(valid, nll, 0.0)) / labels.size
+
+
+def _matrices(logits, labels):
+  return (bilinear_matrix(labels.shape[1], logits.shape[1]),
+          bilinear_matrix(labels.shape[2], logits.shape[2]))
+
+
+def _upsampled_ce_fwd(logits, labels):
+  return _upsampled_ce(logits, labels), (logits, labels)
+
+
+def _upsampled_ce_bwd(res, g):
+  """Recompute the upsampled logits; d = (softmax - onehot) * valid * g / N, then the adjoint of
+  the upsampling. Keeps ~3 full-resolution (B,H,W,K) buffers instead of autodiff's ~12."""
+  logits, labels = res
+  ah, aw = _matrices(logits, labels)
+  up = _upsample(logits, ah, aw)
+  valid = (labels != IGNORE_INDEX)[..., None]
+  onehot = jnp.arange(up.shape[-1]) == labels[..., None]
+  d = (jax.nn.softmax(up, axis=-1) - onehot) * jnp.where(valid, g / labels.size, 0.0)
+  d = jnp.einsum("Ww,bHWk->bHwk", aw, d)
+  d = jnp.einsum("Hh,bHwk->bhwk", ah, d)
+  return d, np.zeros(labels.shape, jax.dtypes.float0)
+
+
+_upsampled_ce.defvjp(_upsampled_ce_fwd, _upsampled_ce_bwd)
+
+
+def seg_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """mmseg CrossEntropyLoss: logits (B,h,w,K) upsampled bilinearly (align_corners=False) to the
+  labels' (B,H,W) size, softmax CE, ignored pixels (255) count 0, averaged over ALL pixels
+  (avg_non_ignore=False). Memory-lean custom gradient."""
+  return _upsampled_ce(logits.astype(jnp.float32), labels.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
