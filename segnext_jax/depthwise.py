@@ -51,18 +51,20 @@ def _shift_fwd(x, kernel):
 
 def _shift_bwd(res, g):
   x, kernel = res
-  kh, kw, _ = kernel.shape
-  h, w = x.shape[1], x.shape[2]
+  kh, kw, c = kernel.shape
+  b, h, w = x.shape[:3]
   # d/dx of a correlation with odd symmetric padding is the correlation with the flipped kernel.
   gx = _shift_conv(g, kernel[::-1, ::-1]).astype(x.dtype)
   (pt, pb), (pl, pr) = _pads(kh, kw)
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  taps = [
-      jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2), dtype=jnp.float32)
-      for i in range(kh) for j in range(kw)
-  ]
-  gk = jnp.stack(taps).reshape(kh, kw, -1).astype(kernel.dtype)
-  return gx, gk
+
+  # One reduction per tap, in a loop: unrolled, XLA materialises every shifted slice (one
+  # full-size buffer per tap) instead of fusing it into its reduction.
+  def tap(_, t):
+    xs = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (b, h, w, c))
+    return None, jnp.sum(xs * g, axis=(0, 1, 2), dtype=jnp.float32)
+  _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
+  return gx, taps.reshape(kh, kw, c).astype(kernel.dtype)
 
 
 _shift_conv_vjp.defvjp(_shift_fwd, _shift_bwd)
