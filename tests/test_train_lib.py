@@ -153,3 +153,25 @@ def test_eight_host_devices_match_one(tmp_path):
   np.testing.assert_allclose(eight["params"], one["params"], rtol=0, atol=2 * float(one["lr"]))
   moved = np.abs(eight["params"] - one["params"]) > 1e-6
   assert moved.mean() < 0.01, moved.mean()
+
+
+def test_pretrained_backbone_loads_loudly(tmp_path, t_variables):
+  import torch
+  from segnext_jax.train_lib import load_pretrained
+  from segnext_jax.testing import randomize_
+  backbone, _ = mmseg_segmentor_modules("t")
+  randomize_(backbone, 3)
+  sd = dict(backbone.state_dict(), **{"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
+  path = tmp_path / "mscan_t.pth"
+  torch.save({"state_dict": sd}, path)
+  merged, skipped = load_pretrained(str(path), t_variables, "t")
+  assert skipped and all(p.split("/")[1] == "decode_head" for p in skipped)
+  n_head = len(convert_map.flatten({"params": t_variables["params"]["decode_head"]}))
+  assert len(skipped) == n_head
+  got = merged["params"]["backbone"]["block2_1"]["attn"]["proj_1"]["kernel"]
+  np.testing.assert_array_equal(got, sd["backbone.block2.1.attn.proj_1.weight".removeprefix("backbone.")]
+                                .numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(merged["batch_stats"]["backbone"]["patch_embed2"]["norm"]["var"],
+                                sd["patch_embed2.norm.running_var"].numpy())
+  with pytest.raises(ValueError, match="variant 't', the model is 's'"):
+    load_pretrained(str(path), t_variables, "s")
