@@ -10,23 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-
-def timed(fn, runs: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    fn()
-  ts = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn()
-    ts.append((time.perf_counter() - t) * 1e3)
-  return statistics.median(ts)
+from inference import median_ms  # benchmarks/ is on sys.path when run as a script
 
 
 def run_jax(args) -> dict:
@@ -53,7 +43,7 @@ def run_jax(args) -> dict:
   def one():
     holder["s"], metrics = step(holder["s"], batch, key)
     jax.block_until_ready(metrics)
-  ms = timed(one, args.runs)
+  ms = median_ms(one, args.runs, warmup=1)
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None
   peak = stats["peak_bytes_in_use"] / 2**30 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -82,7 +72,7 @@ def run_torch(args) -> dict:
     opt.step()
     if dev == "cuda":
       torch.cuda.synchronize()
-  ms = timed(one, args.runs)
+  ms = median_ms(one, args.runs, warmup=1)
   peak = (torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda"
           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   return {"ms": ms, "peak_gb": peak, "threads": torch.get_num_threads()}
