@@ -45,8 +45,13 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--max-images", type=int, default=0, help="0 = all")
   p.add_argument("--out", default=None, help="write the results as JSON here")
+  p.add_argument("--compile-cache", default="~/.cache/segnext-jax/xla",
+                 help="persistent XLA compilation cache ('' to disable)")
   args = p.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
+  if args.compile_cache:
+    from segnext_jax.eval_lib import enable_compile_cache
+    enable_compile_cache(args.compile_cache)
 
   from segnext_jax.checkpoint import class_names, load_checkpoint, train_config
   from segnext_jax.data.datasets import make_dataset

@@ -64,8 +64,13 @@ def main(argv=None) -> int:
   p.add_argument("--tta", action="store_true")
   p.add_argument("--nmf-seed", type=int, default=0)
   p.add_argument("--scale", type=int, nargs=2, default=None, help="test resize (long short)")
+  p.add_argument("--compile-cache", default="~/.cache/segnext-jax/xla",
+                 help="persistent XLA compilation cache ('' to disable)")
   args = p.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
+  if args.compile_cache:
+    from segnext_jax.eval_lib import enable_compile_cache
+    enable_compile_cache(args.compile_cache)
   from segnext_jax.checkpoint import class_names, load_checkpoint, train_config
   from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
   from segnext_jax.data.datasets import read_image

@@ -16,6 +16,20 @@ import jax
 import numpy as np
 
 
+def interleaved_ms(fns, runs: int, warmup: int = 2) -> list[float]:
+  """Median ms of each fn, timed alternately run by run so that both see the same machine load."""
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for fn, ts in zip(fns, times):
+      t = time.perf_counter()
+      fn()
+      ts.append((time.perf_counter() - t) * 1e3)
+  return [statistics.median(ts) for ts in times]
+
+
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
   for _ in range(warmup):
     fn()
@@ -40,14 +54,13 @@ def bench_variant(variant: str, size: int, runs: int, tmp: Path) -> dict:
   t0 = time.perf_counter()
   out = jax.block_until_ready(fwd(variables, x, bases))
   compile_s = time.perf_counter() - t0
-  jax_ms = median_ms(lambda: jax.block_until_ready(fwd(variables, x, bases)), runs)
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   bt = torch.from_numpy(bases.copy())
   ref.head.hamburger.ham._build_bases = lambda *a, **k: bt.clone()
   with torch.inference_mode():
     torch_fn = lambda: ref.head(ref.backbone(xt))
     out_t = torch_fn().numpy().transpose(0, 2, 3, 1)
-    torch_ms = median_ms(torch_fn, runs)
+    jax_ms, torch_ms = interleaved_ms([lambda: jax.block_until_ready(fwd(variables, x, bases)), torch_fn], runs)
   return dict(variant=variant.upper(), jax_ms=jax_ms, torch_ms=torch_ms, ratio=torch_ms / jax_ms,
               compile_s=compile_s, max_abs_diff=float(np.abs(np.asarray(out) - out_t).max()))
 
@@ -61,7 +74,7 @@ def main() -> None:
   import torch
   print(f"device: jax {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"torch threads {torch.get_num_threads()}; input 1x3x{args.size}x{args.size}, "
-        f"median of {args.runs} after warm-up")
+        f"median of {args.runs} interleaved runs after warm-up")
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for v in args.variants:

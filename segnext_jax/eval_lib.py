@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import dataclasses
 import functools
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -60,26 +61,53 @@ def padded_shape(hw: tuple[int, int], divisor: int = 32) -> tuple[int, int]:
   return (-(-hw[0] // divisor) * divisor, -(-hw[1] // divisor) * divisor)
 
 
-def postprocess(logits: np.ndarray, valid_hw: tuple[int, int], ori_hw: tuple[int, int],
-                flip: bool = False) -> np.ndarray:
-  """Crop the padding, undo a horizontal flip, resize bilinearly to the original size (numpy)."""
-  x = logits[:valid_hw[0], :valid_hw[1]]
-  if flip:
-    x = x[:, ::-1]
-  return resize_logits(x, ori_hw)
+def postprocess(logits: jax.Array, valid_hw: tuple[int, int], ori_hw: tuple[int, int],
+                flip: bool = False, argmax: bool = False) -> np.ndarray:
+  """Crop the padding, undo a horizontal flip, resize bilinearly (torch, align_corners=False) to
+  the original size; on the device, returning (H, W, K) logits or, with argmax, (H, W) classes.
+
+  Output sizes are padded to multiples of 128 with dummy indices, so the original sizes of a
+  whole dataset share a handful of compiled programs."""
+  rows = _axis_indices(ori_hw[0], valid_hw[0], flip=False)
+  cols = _axis_indices(ori_hw[1], valid_hw[1], flip=flip)
+  out = _gather_resize(jnp.asarray(logits), *rows, *cols, argmax=argmax)
+  return np.asarray(out)[:ori_hw[0], :ori_hw[1]]
 
 
 def resize_logits(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-  """torch F.interpolate(bilinear, align_corners=False) on (H, W, K) float32, via jax."""
-  return np.asarray(_resize_jit(jnp.asarray(x), tuple(hw)))
+  """torch F.interpolate(bilinear, align_corners=False) of (H, W, K) to hw."""
+  return postprocess(x, x.shape[:2], hw)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _resize_jit(x, hw):
-  return jax.image.resize(x, (*hw, x.shape[-1]), "bilinear", antialias=False)
+def _axis_indices(n_out: int, n_in: int, flip: bool, bucket: int = 128):
+  """torch's source indices/weights along one axis, padded to a multiple of `bucket`."""
+  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  lam = (src - i0).astype(np.float32)
+  if flip:  # the flipped crop's column c is the unflipped column n_in - 1 - c
+    i0, i1 = n_in - 1 - i0, n_in - 1 - i1
+  size = -(-n_out // bucket) * bucket
+  pad = lambda a: np.pad(a, (0, size - n_out))
+  return pad(i0), pad(i1), pad(lam)
+
+
+@functools.partial(jax.jit, static_argnames="argmax")
+def _gather_resize(x, i0h, i1h, lh, i0w, i1w, lw, *, argmax: bool):
+  x = x[i0h] * (1 - lh)[:, None, None] + x[i1h] * lh[:, None, None]                # (Ho, W, K)
+  x = x[:, i0w] * (1 - lw)[None, :, None] + x[:, i1w] * lw[None, :, None]          # (Ho, Wo, K)
+  return jnp.argmax(x, axis=-1).astype(jnp.int32) if argmax else x
 
 
 TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
+
+
+def enable_compile_cache(path: str = DEFAULT_CACHE) -> None:
+  """Persist compiled programs on disk: ADE20K's ~100 padded shapes compile once per machine,
+  not once per evaluation."""
+  jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +143,9 @@ class Predictor:
     c, r = self.model.head_channels, self.model.nmf_rank
     return jax.vmap(lambda k: random_bases(k, 1, c, r)[0])(keys)
 
-  def run(self, images: np.ndarray, indices) -> np.ndarray:
-    """(B,H,W,3) normalized, padded -> (B,H,W,K) logits at the input size."""
-    return np.asarray(self.logits_fn(jnp.asarray(images), self.bases(indices)))
+  def run(self, images: np.ndarray, indices) -> jax.Array:
+    """(B,H,W,3) normalized, padded -> (B,H,W,K) logits at the input size (on the device)."""
+    return self.logits_fn(jnp.asarray(images), self.bases(indices))
 
   def prepare(self, img: np.ndarray, ratio: float = 1.0,
               flip: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
@@ -136,7 +164,7 @@ class Predictor:
       for gx in range(max(w - cw + sw - 1, 0) // sw + 1):
         y2, x2 = min(gy * sh + ch, h), min(gx * sw + cw, w)
         y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-        preds[y1:y2, x1:x2] += self.run(x[None, y1:y2, x1:x2], [index])[0]
+        preds[y1:y2, x1:x2] += np.asarray(self.run(x[None, y1:y2, x1:x2], [index])[0])
         count[y1:y2, x1:x2] += 1
     return preds / count
 
@@ -183,11 +211,13 @@ def evaluate(predictor: Predictor, dataset, max_images: int = 0, workers: int = 
     buckets: dict[tuple, list] = {}
     def flush(shape):
       items = buckets.pop(shape)
-      pad = predictor.cfg.batch_size - len(items)  # fixed batch: one program per shape
+      # Pad the batch to a power of two: a bounded number of programs per shape (log2 batch + 1)
+      # without running a full batch of padding for the few leftover images of a shape.
+      pad = min(1 << (len(items) - 1).bit_length(), predictor.cfg.batch_size) - len(items)
       images = np.stack([it[3] for it in items] + [np.zeros_like(items[0][3])] * pad)
       logits = predictor.run(images, [it[0] for it in items] + [0] * pad)
       for it, lg in zip(items, logits):
-        pred = postprocess(lg, it[4], it[1].shape[:2]).argmax(-1)
+        pred = postprocess(lg, it[4], it[1].shape[:2], argmax=True)
         cm[:] += confusion_matrix(pred, it[2], k)
       bar.update(len(items))
 
