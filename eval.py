@@ -36,29 +36,19 @@ def main(argv=None) -> int:
   p.add_argument("--data", default=None, help="ade20k:PATH | tfds:scene_parse150[:DIR] | synthetic "
                  "(default: the training run's data, else required)")
   p.add_argument("--mode", choices=["whole", "slide"], default="whole")
-  p.add_argument("--tta", action="store_true", help="ratios 0.5-1.75 x flip, softmax averaged")
-  p.add_argument("--nmf-seed", type=int, default=0)
-  p.add_argument("--scale", type=int, nargs=2, default=None, help="test resize (long short); "
-                 "default 2048 512, or the training run's resize_scale")
   p.add_argument("--crop", type=int, nargs=2, default=(1024, 1024), help="slide window")
   p.add_argument("--stride", type=int, nargs=2, default=(768, 768), help="slide stride")
   p.add_argument("--batch-size", type=int, default=4)
   p.add_argument("--max-images", type=int, default=0, help="0 = all")
   p.add_argument("--out", default=None, help="write the results as JSON here")
-  p.add_argument("--compile-cache", default="~/.cache/segnext-jax/xla",
-                 help="persistent XLA compilation cache ('' to disable)")
+  from segnext_jax.checkpoint import class_names
+  from segnext_jax.data.datasets import make_dataset
+  from segnext_jax.eval_lib import EvalConfig, Predictor, add_inference_flags, evaluate, load_for_inference
+  add_inference_flags(p)
   args = p.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)
-  if args.compile_cache:
-    from segnext_jax.eval_lib import enable_compile_cache
-    enable_compile_cache(args.compile_cache)
-
-  from segnext_jax.checkpoint import class_names, load_checkpoint, train_config
-  from segnext_jax.data.datasets import make_dataset
-  from segnext_jax.eval_lib import EvalConfig, Predictor, evaluate
   try:
-    model, variables = load_checkpoint(args.checkpoint)
-    run_cfg = train_config(args.checkpoint) or {}
+    model, variables, run_cfg, scale = load_for_inference(args)
     data = args.data or run_cfg.get("data")
     if data is None:
       raise ValueError("--data is required for a converted checkpoint")
@@ -70,7 +60,6 @@ def main(argv=None) -> int:
     print(f"error: the model predicts {model.num_classes} classes, {data} has {dataset.num_classes}",
           file=sys.stderr)
     return 2
-  scale = tuple(args.scale or run_cfg.get("resize_scale", (2048, 512)))
   cfg = EvalConfig(scale=scale, mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride),
                    tta=args.tta, nmf_seed=args.nmf_seed, batch_size=args.batch_size)
   res = evaluate(Predictor(model, variables, cfg), dataset, args.max_images)

@@ -61,29 +61,20 @@ def main(argv=None) -> int:
   p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
   p.add_argument("images", nargs="+", help="image files and/or folders")
   p.add_argument("-o", "--out", default="predictions", help="output folder")
-  p.add_argument("--tta", action="store_true")
-  p.add_argument("--nmf-seed", type=int, default=0)
-  p.add_argument("--scale", type=int, nargs=2, default=None, help="test resize (long short)")
-  p.add_argument("--compile-cache", default="~/.cache/segnext-jax/xla",
-                 help="persistent XLA compilation cache ('' to disable)")
-  args = p.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)
-  if args.compile_cache:
-    from segnext_jax.eval_lib import enable_compile_cache
-    enable_compile_cache(args.compile_cache)
-  from segnext_jax.checkpoint import class_names, load_checkpoint, train_config
+  from segnext_jax.checkpoint import class_names
   from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
   from segnext_jax.data.datasets import read_image
-  from segnext_jax.eval_lib import EvalConfig, Predictor
+  from segnext_jax.eval_lib import EvalConfig, Predictor, add_inference_flags, load_for_inference
+  add_inference_flags(p)
+  args = p.parse_args(argv)
+  logging.getLogger("absl").setLevel(logging.ERROR)
   try:
-    model, variables = load_checkpoint(args.checkpoint)
-    run_cfg = train_config(args.checkpoint) or {}
+    model, variables, run_cfg, scale = load_for_inference(args)
     names = class_names(args.checkpoint) or (
         ADE20K_CLASSES if model.num_classes == 150 else [str(i) for i in range(model.num_classes)])
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  scale = tuple(args.scale or run_cfg.get("resize_scale", (2048, 512)))
   predictor = Predictor(model, variables, EvalConfig(scale=scale, tta=args.tta, nmf_seed=args.nmf_seed))
   colors = palette(model.num_classes)
   out = Path(args.out)

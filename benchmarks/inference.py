@@ -79,8 +79,8 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for v in args.variants:
       rows.append(bench_variant(v, args.size, args.runs, Path(tmp)))
-  print(f"| variant | JAX ms/img | torch ms/img | torch/JAX | JAX compile s | max abs diff |")
-  print(f"|---|---|---|---|---|---|")
+  print("| variant | JAX ms/img | torch ms/img | torch/JAX | JAX compile s | max abs diff |")
+  print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['variant']} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f}x | "
           f"{r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |")

@@ -52,7 +52,6 @@ def run_jax(args) -> dict:
 
 def run_torch(args) -> dict:
   import torch
-  from segnext_jax.model import VARIANTS
   from segnext_jax.testing import mmseg_segmentor_modules
   backbone, head = mmseg_segmentor_modules(args.variant)
   dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -7,7 +7,6 @@ custom VJP whose backward is again a shift-and-scale conv (input grad) plus one 
 """
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax

@@ -103,9 +103,31 @@ TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
 
 
+def add_inference_flags(parser) -> None:
+  """Flags shared by eval.py and predict.py."""
+  parser.add_argument("--tta", action="store_true", help="ratios 0.5-1.75 x flip, softmax averaged")
+  parser.add_argument("--nmf-seed", type=int, default=0, help="NMF bases of image i: key(seed) + i")
+  parser.add_argument("--scale", type=int, nargs=2, default=None, help="test resize (long short); "
+                      "default 2048 512, or the training run's resize_scale")
+  parser.add_argument("--compile-cache", default=DEFAULT_CACHE,
+                      help="persistent XLA compilation cache ('' to disable)")
+
+
+def load_for_inference(args):
+  """(model, variables, the training run's config or {}, test scale) for parsed CLI args."""
+  from segnext_jax.checkpoint import load_checkpoint, train_config
+  enable_compile_cache(args.compile_cache)
+  model, variables = load_checkpoint(args.checkpoint)
+  run_cfg = train_config(args.checkpoint) or {}
+  scale = tuple(args.scale or run_cfg.get("resize_scale", (2048, 512)))
+  return model, variables, run_cfg, scale
+
+
 def enable_compile_cache(path: str = DEFAULT_CACHE) -> None:
   """Persist compiled programs on disk: ADE20K's ~100 padded shapes compile once per machine,
   not once per evaluation."""
+  if not path:
+    return
   jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
