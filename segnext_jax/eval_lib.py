@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 
 from segnext_jax.data.transforms import normalize, rescale_size, resize_image
-from segnext_jax.ham_head import random_bases, resize_bilinear
+from segnext_jax.ham_head import bilinear_taps, random_bases, resize_bilinear
 
 IGNORE = 255
 
@@ -81,10 +81,7 @@ def resize_logits(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def _axis_indices(n_out: int, n_in: int, flip: bool, bucket: int = 128):
   """torch's source indices/weights along one axis, padded to a multiple of `bucket`."""
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  lam = (src - i0).astype(np.float32)
+  i0, i1, lam = bilinear_taps(n_out, n_in)
   if flip:  # the flipped crop's column c is the unflipped column n_in - 1 - c
     i0, i1 = n_in - 1 - i0, n_in - 1 - i1
   size = -(-n_out // bucket) * bucket

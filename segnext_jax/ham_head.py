@@ -10,6 +10,7 @@ from typing import Any, Literal, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from segnext_jax.layers import Conv1x1
 
@@ -109,6 +110,15 @@ class Hamburger(nn.Module):
     enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad)
     enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy)
     return nn.relu(x + enjoy)
+
+
+def bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """torch's bilinear source taps along one axis (align_corners=False): output i reads inputs
+  i0[i] and i1[i] with weights 1 - lam[i] and lam[i]."""
+  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  return i0, i1, (src - i0).astype(np.float32)
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:

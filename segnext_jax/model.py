@@ -73,6 +73,5 @@ def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] =
 
 def abstract_variables(model: SegNeXt) -> dict:
   """Shapes/dtypes of the model's variables without computing anything (jax.eval_shape)."""
-  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   key = jax.random.key(0)
-  return dict(jax.eval_shape(lambda: model.init({"params": key, "nmf": key}, jnp.zeros(x.shape))))
+  return dict(jax.eval_shape(lambda: model.init({"params": key, "nmf": key}, jnp.zeros((1, 64, 64, 3)))))

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from segnext_jax.ham_head import bilinear_taps
 from segnext_jax.model import SegNeXt, init_variables, segnext
 
 log = logging.getLogger("segnext_jax.train")
@@ -26,10 +27,7 @@ IGNORE_INDEX = 255
 
 def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
   """(n_out, n_in) weights of torch's bilinear resize along one axis, align_corners=False."""
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  lam = (src - i0).astype(np.float32)
+  i0, i1, lam = bilinear_taps(n_out, n_in)
   m = np.zeros((n_out, n_in), np.float32)
   np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
   np.add.at(m, (np.arange(n_out), i1), lam)
