@@ -148,14 +148,13 @@ class Predictor:
   batching, order or run: two evaluations with the same seed are identical."""
 
   def __init__(self, model, variables: dict, cfg: EvalConfig):
-    self.model, self.cfg = model, cfg
+    self.model, self.cfg, self.variables = model, cfg, variables  # variables may be replaced
     self.base_key = jax.random.key(cfg.nmf_seed)
 
-    @jax.jit
-    def logits_fn(images, bases):
+    def logits_fn(variables, images, bases):  # variables are an argument, not baked constants
       logits = model.apply(variables, images, train=False, nmf_bases=bases)
       return resize_bilinear(logits, images.shape[1:3])
-    self.logits_fn = logits_fn
+    self.logits_fn = jax.jit(logits_fn)
 
   def bases(self, indices) -> jax.Array:
     keys = jnp.stack([jax.random.fold_in(self.base_key, int(i)) for i in indices])
@@ -164,7 +163,7 @@ class Predictor:
 
   def run(self, images: np.ndarray, indices) -> jax.Array:
     """(B,H,W,3) normalized, padded -> (B,H,W,K) logits at the input size (on the device)."""
-    return self.logits_fn(jnp.asarray(images), self.bases(indices))
+    return self.logits_fn(self.variables, jnp.asarray(images), self.bases(indices))
 
   def prepare(self, img: np.ndarray, ratio: float = 1.0,
               flip: bool = False) -> tuple[np.ndarray, tuple[int, int]]:

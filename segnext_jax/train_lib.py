@@ -336,6 +336,7 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
   loader = TrainLoader(train_ds, pipeline, cfg.batch_size, cfg.seed, start, cfg.workers,
                        process_index=jax.process_index(), process_count=jax.process_count())
   eval_cfg = EvalConfig(scale=tuple(cfg.resize_scale), batch_size=max(1, min(8, cfg.batch_size)))
+  predictor = Predictor(model.clone(remat=False), None, eval_cfg)  # compiled once, reused per eval
   history: dict[str, Any] = {"loss": [], "eval": []}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
@@ -357,9 +358,8 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.1f}")
       bar.update(1)
       if done % cfg.eval_every == 0 or done == cfg.steps:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        res = evaluate(Predictor(model.clone(remat=False), variables, eval_cfg), val_ds,
-                       cfg.eval_images, progress=False)
+        predictor.variables = {"params": state.params, "batch_stats": state.batch_stats}
+        res = evaluate(predictor, val_ds, cfg.eval_images, progress=False)
         history["eval"].append((done, res["mIoU"], res["aAcc"]))
         bar.write(f"step {done}: val mIoU {100 * res['mIoU']:.2f}  aAcc {100 * res['aAcc']:.2f}  "
                   f"mAcc {100 * res['mAcc']:.2f}  ({res['images']} images)")
