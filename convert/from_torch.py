@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from segnext_jax import convert_map
-from segnext_jax.checkpoint import save_model_checkpoint
+from segnext_jax import convert_map, torch_io
+from segnext_jax.checkpoint import save_converted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,22 +20,30 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("checkpoint", type=Path, help="mmseg/official .pth (segmentor or MSCAN backbone)")
   p.add_argument("-o", "--out", type=Path, help="output directory (default: <checkpoint stem>_jax)")
   p.add_argument("--variant", choices=sorted(["t", "s", "b", "l"]), help="must match the shapes")
-  p.add_argument("--nmf-rank", type=int, default=16, help="NMF rank R (a config choice; mmseg 1.x: 16)")
-  p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (unsafe)")
+  p.add_argument("--nmf-rank", "--nmf_rank", type=int, default=None,
+                 help="NMF rank R (a config choice, not a tensor shape). Default: MD_R of the config "
+                 "stored in the checkpoint; else 16 for mmseg 1.x checkpoints and official T/S, 64 for "
+                 "official B/L (their configs keep the Hamburger default)")
+  p.add_argument("--nmf-seed", "--nmf_seed", type=int, default=0,
+                 help="seed of the fixed NMF initial bases stored with the model (inference)")
+  p.add_argument("--trust-pickle", "--trust_pickle", action="store_true", help="allow full unpickling (unsafe)")
   p.add_argument("--force", action="store_true", help="replace an existing output directory")
   args = p.parse_args(argv)
   out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "_jax")
   try:
     if out.exists() and not args.force:
       raise convert_map.ConversionError(f"{out} already exists (use --force to replace it)")
-    variables, meta, report = convert_map.convert_file(args.checkpoint, args.variant, args.nmf_rank, args.trust_pickle)
-    save_model_checkpoint(out, variables, meta, overwrite=args.force)
+    variables, meta, report = torch_io.convert_file(args.checkpoint, args.variant, args.nmf_rank,
+                                                    args.nmf_seed, args.trust_pickle)
+    save_converted(out, variables, meta, overwrite=args.force)
   except convert_map.ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"{report.source_format}: variant {report.variant}, num_classes {report.num_classes}, "
         f"{report.converted} tensors converted, {len(report.ignored)} ignored"
         + (f" ({', '.join(report.ignored[:4])}{' ...' if len(report.ignored) > 4 else ''})" if report.ignored else ""))
+  if not report.backbone_only:
+    print(f"NMF rank {report.nmf_rank} ({report.nmf_rank_source}); fixed inference bases from seed {args.nmf_seed}")
   print(f"wrote {out}")
   return 0
 

@@ -1,54 +1,76 @@
-"""Model checkpoints on disk: an orbax tree of `{'params', 'batch_stats'}` plus `segnext.json`.
+"""The one checkpoint layout: an orbax CheckpointManager directory, for converted and trained models.
 
-Written by the converter (and exported by training); `load_checkpoint(dir)` rebuilds the model.
+  DIR/checkpoints/<step>/model   {'params', 'batch_stats', 'nmf_bases'} (orbax, atomic per step)
+  DIR/checkpoints/<step>/meta    JSON: variant, model kwargs, class names/palette, source, config
+  DIR/checkpoints/<step>/opt     optimizer state + step (train.py only)
+
+`convert/from_torch.py` writes step 0 of a fresh DIR; `train.py` writes steps of its workdir.
+`load(DIR)` reads the latest step of either, restoring onto the devices of THIS process, so a
+checkpoint written on 8 devices (or 2 processes) loads on 1 and the other way round.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from segnext_jax.model import SegNeXt, abstract_variables, segnext
 
-META_FILE = "segnext.json"
-TREE_DIR = "variables"
+ITEMS = ("model", "opt", "meta")
+SUBDIR = "checkpoints"
 
 
-def save_model_checkpoint(out_dir: str | os.PathLike, variables: dict, meta: dict[str, Any],
-                          overwrite: bool = False) -> Path:
-  """Atomically write `variables` and `meta` (must hold 'variant'; model kwargs under 'model')."""
+def manager(ckpt_dir: str | os.PathLike, keep: int | None = None,
+            create: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of DIR/checkpoints (keep: how many steps to keep, None = all)."""
+  return ocp.CheckpointManager(
+      Path(ckpt_dir).absolute() / SUBDIR, item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, variables: dict, meta: dict[str, Any],
+         opt: Any = None) -> None:
+  """Write one step (atomic: orbax writes a temporary directory and renames it)."""
+  items = dict(model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta))
+  if opt is not None:
+    items["opt"] = ocp.args.StandardSave(opt)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def save_converted(out_dir: str | os.PathLike, variables: dict, meta: dict[str, Any],
+                   overwrite: bool = False) -> Path:
+  """A converted model as step 0 of a new checkpoint directory."""
   out = Path(out_dir).absolute()
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} already exists (pass overwrite / --force to replace it)")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    tree = jax.tree.map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / TREE_DIR, tree)
-      ckptr.wait_until_finished()
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if out.exists():
-      shutil.rmtree(out)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  if out.exists():
+    if not overwrite:
+      raise FileExistsError(f"{out} already exists (pass overwrite / --force to replace it)")
+    shutil.rmtree(out)
+  with manager(out, create=True) as mngr:
+    save(mngr, 0, variables, meta)
+    mngr.wait_until_finished()
   return out
 
 
-def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-  path = Path(ckpt_dir) / META_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{ckpt_dir}: not a segnext-jax checkpoint (no {META_FILE})")
-  return json.loads(path.read_text())
+def latest_step(mngr: ocp.CheckpointManager, ckpt_dir) -> int:
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{ckpt_dir}: not a segnext-jax checkpoint (no {SUBDIR}/<step>; "
+                            "convert a .pth with convert/from_torch.py or train with train.py)")
+  return step
+
+
+def read_meta(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+  """The metadata of DIR's latest (or given) step."""
+  if not (Path(ckpt_dir) / SUBDIR).is_dir():
+    raise FileNotFoundError(f"{ckpt_dir}: not a segnext-jax checkpoint (no {SUBDIR}/)")
+  with manager(ckpt_dir) as mngr:
+    step = latest_step(mngr, ckpt_dir) if step is None else step
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
 
 def build_model(meta: dict[str, Any], **overrides: Any) -> SegNeXt:
@@ -56,60 +78,39 @@ def build_model(meta: dict[str, Any], **overrides: Any) -> SegNeXt:
   return segnext(meta["variant"], **{**meta.get("model", {}), **overrides})
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike, **overrides: Any) -> tuple[SegNeXt, dict]:
-  """Load a converted checkpoint or a train.py workdir (its latest step):
-  returns (model, {'params', 'batch_stats'})."""
-  if (Path(ckpt_dir) / "checkpoints").is_dir() and not (Path(ckpt_dir) / META_FILE).exists():
-    return load_training_checkpoint(ckpt_dir, **overrides)
-  meta = read_meta(ckpt_dir)
-  if meta.get("backbone_only"):
+def on_devices(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """Abstract arrays placed on this process's devices (default: the first local device): the
+  restore target that makes a checkpoint independent of the topology that wrote it."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, **targets: Any) -> dict[str, Any]:
+  """Restore the named items (e.g. model=abstract tree, opt=abstract tree) of one step."""
+  got = mngr.restore(step, args=ocp.args.Composite(
+      **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
+  return {name: got[name] for name in targets}
+
+
+def load(ckpt_dir: str | os.PathLike, step: int | None = None, *, backbone_only_ok: bool = False,
+         **overrides: Any) -> tuple[SegNeXt, dict, dict[str, Any]]:
+  """(model, variables, meta) of a converted checkpoint or a train.py workdir (latest step)."""
+  meta = read_meta(ckpt_dir, step)
+  if meta.get("backbone_only") and not backbone_only_ok:
     raise ValueError(f"{ckpt_dir} holds only an MSCAN backbone; use it as train.py --pretrained")
   model = build_model(meta, **overrides)
   target = abstract_variables(model)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(Path(ckpt_dir).absolute() / TREE_DIR, target)
-  return model, dict(variables)
+  if meta.get("backbone_only"):
+    flat = traverse_util.flatten_dict(target)
+    target = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[1] == "backbone"})
+  with manager(ckpt_dir) as mngr:
+    variables = restore(mngr, latest_step(mngr, ckpt_dir) if step is None else step,
+                        model=on_devices(target))["model"]
+  return model, dict(variables), meta
 
 
-def load_tree(ckpt_dir: str | os.PathLike) -> dict:
-  """The raw stored variables tree (no model needed), as numpy arrays."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(Path(ckpt_dir).absolute() / TREE_DIR)
-
-
-def load_training_checkpoint(workdir: str | os.PathLike, step: int | None = None,
-                             **overrides: Any) -> tuple[SegNeXt, dict]:
-  """(model, variables) from a train.py workdir: only the 'model' and 'meta' items are read."""
-  mngr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=("model", "opt", "meta"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoints yet")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  model = build_model(meta, **overrides)
-  target = abstract_variables(model)
-  got = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-  mngr.close()
-  return model, dict(got.model)
-
-
-def any_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-  """The metadata of a converted checkpoint or of a train.py workdir's latest step."""
-  path = Path(ckpt_dir) / META_FILE
-  if path.is_file():
-    return json.loads(path.read_text())
-  mngr = ocp.CheckpointManager(Path(ckpt_dir).absolute() / "checkpoints", item_names=("model", "opt", "meta"))
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"{ckpt_dir}: neither a converted checkpoint nor a train.py workdir")
-  meta = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  mngr.close()
-  return dict(meta)
-
-
-def class_names(ckpt_dir: str | os.PathLike) -> list[str] | None:
-  """Class names stored with a checkpoint (training runs store them; converted ADE20K: None)."""
-  return any_meta(ckpt_dir).get("class_names")
-
-
-def train_config(ckpt_dir: str | os.PathLike) -> dict | None:
-  """The TrainConfig (as a dict) of a train.py workdir; None for converted checkpoints."""
-  return any_meta(ckpt_dir).get("config")
+def load_checkpoint(ckpt_dir: str | os.PathLike, **overrides: Any) -> tuple[SegNeXt, dict]:
+  """(model, {'params', 'batch_stats', 'nmf_bases'}) of a converted checkpoint or a train.py
+  workdir; `model.apply(variables, images, train=False)` uses the stored fixed NMF bases."""
+  model, variables, _ = load(ckpt_dir, **overrides)
+  return model, variables

@@ -1,6 +1,6 @@
 """mmseg / official-SegNeXt torch state_dict -> flax `{'params', 'batch_stats'}`, as data tables.
 
-numpy only (no torch import). Flax module names equal mmseg's attribute names, so a torch key
+numpy only (no torch import; torch file I/O lives in `torch_io.py`). Flax module names equal mmseg's attribute names, so a torch key
 `<module path>.<leaf>` maps by (1) MODULE_RULES rewriting the module path, then (2) LEAF_RULES
 choosing the flax collection / leaf / transform by the kind of the TARGET module (conv or norm),
 never by the tensor's ndim. Every source tensor is used once or explicitly ignored.
@@ -8,15 +8,13 @@ never by the tensor's ndim. Every source tensor is used once or explicitly ignor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import pickle
 import re
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
-from segnext_jax.model import VARIANTS, abstract_variables, segnext
+from segnext_jax.model import VARIANTS
 
 # (regex on the torch module path, replacement) - applied in order, each at most once.
 MODULE_RULES: list[tuple[str, str]] = [
@@ -41,6 +39,8 @@ LEAF_RULES: dict[str, dict[str, tuple[str, str, Callable[[np.ndarray], np.ndarra
 }
 # Module-level parameters (no leaf suffix in torch): the key itself is the flax param.
 PARAM_LEAVES = ("layer_scale_1", "layer_scale_2")
+# The flax collections a torch state_dict fills ('nmf_bases' is ours: not in any torch file).
+MAPPED_COLLECTIONS = ("params", "batch_stats")
 # Source keys that carry no model state; dropped and reported.
 IGNORED = [r"(^|\.)num_batches_tracked$", r"^head\.", r"^auxiliary_head\."]
 
@@ -58,6 +58,8 @@ class Report:
   backbone_only: bool
   converted: int
   ignored: list[str]
+  nmf_rank: int = 16
+  nmf_rank_source: str = ""
 
 
 def unwrap_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], str]:
@@ -75,10 +77,11 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], str]:
     sd[k] = np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v)
   if not sd:
     raise ConversionError("checkpoint holds no tensors")
-  return sd, _detect_format(sd)
+  return sd, detect_format(sd)
 
 
-def _detect_format(sd: Mapping[str, Any]) -> str:
+def detect_format(sd: Mapping[str, Any]) -> str:
+  """'mmseg segmentor' | 'official SegNeXt segmentor' | 'mmseg MSCAN backbone' | 'official MSCAN backbone'."""
   official = any(".mlp.dwconv.dwconv." in k for k in sd)
   if any(k.startswith("backbone.") for k in sd):
     return "official SegNeXt segmentor" if official else "mmseg segmentor"
@@ -86,6 +89,38 @@ def _detect_format(sd: Mapping[str, Any]) -> str:
     return "official MSCAN backbone" if official else "mmseg MSCAN backbone"
   raise ConversionError("no SegNeXt key found (expected 'backbone.patch_embed1.*' or "
                         f"'patch_embed1.*'); first keys: {sorted(sd)[:3]}")
+
+
+# NMF rank R is a config choice, not a tensor shape. The Hamburger default (mmseg 1.x and the
+# official repository alike) is MD_R=64; mmseg 1.x's SegNeXt configs set 16 for every variant,
+# the official repository's only for T and S (its B and L configs leave the default).
+HAMBURGER_DEFAULT_RANK = 64
+DEFAULT_RANK = {  # (source format, variant) -> rank, when the checkpoint stores no config
+    **{("mmseg segmentor", v): 16 for v in "tsbl"},
+    **{("official SegNeXt segmentor", v): r for v, r in zip("tsbl", (16, 16, 64, 64))},
+}
+_MD_R = re.compile(r"""MD_R['"]?\s*[=:]\s*(\d+)""")
+
+
+def nmf_rank(config_text: str | None, fmt: str, variant: str) -> tuple[int, str]:
+  """(R, why) for a checkpoint: its stored config's MD_R if it has one, the Hamburger default if
+  its config sets none, else the default of its source format and variant."""
+  if config_text and (m := _MD_R.search(config_text)):
+    return int(m.group(1)), "read from the checkpoint's stored config (MD_R)"
+  if config_text and re.search(r"LightHamHead|ham_kwargs", config_text):
+    return HAMBURGER_DEFAULT_RANK, "the checkpoint's stored config sets no MD_R: Hamburger default"
+  rank = DEFAULT_RANK.get((fmt, variant), 16)
+  return rank, f"no stored config: {fmt} {variant.upper()} configs use {rank}"
+
+
+def stored_config(obj: Any) -> str | None:
+  """The config text an mmcv/mmengine checkpoint keeps in meta['config'] / meta['cfg']."""
+  meta = obj.get("meta") if isinstance(obj, Mapping) else None
+  if isinstance(meta, Mapping):
+    for key in ("config", "cfg"):
+      if isinstance(meta.get(key), str):
+        return meta[key]
+  return None
 
 
 def infer_config(sd: Mapping[str, np.ndarray]) -> tuple[str, int | None]:
@@ -104,24 +139,6 @@ def infer_config(sd: Mapping[str, np.ndarray]) -> tuple[str, int | None]:
       head = sd.get("decode_head.conv_seg.weight")
       return name, (int(head.shape[0]) if head is not None else None)
   raise ConversionError(f"no SegNeXt variant has embed_dims {tuple(dims)} and depths {tuple(depths)}")
-
-
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  out = {}
-  for k, v in tree.items():
-    out.update(flatten(v, prefix + (k,)) if isinstance(v, Mapping) else {prefix + (k,): v})
-  return out
-
-
-def unflatten(flat: Mapping[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return out
 
 
 def map_key(key: str, target: Mapping[tuple, Any]) -> tuple[tuple, Callable] | None:
@@ -150,7 +167,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], target: Mapping[str, Any],
   `target` must be covered. Returns (variables, ignored keys); raises ConversionError listing all
   missing, unexpected and mis-shaped tensors.
   """
-  flat_target = flatten(target)
+  flat_target = traverse_util.flatten_dict(
+      {c: target[c] for c in MAPPED_COLLECTIONS if c in target})
   if backbone_only:
     flat_target = {p: v for p, v in flat_target.items() if p[1] == "backbone"}
   out, ignored, unexpected, bad_shape, seen, bad_paths = {}, [], [], [], {}, set()
@@ -182,54 +200,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], target: Mapping[str, Any],
       problems.append(f"{len(items)} {label}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
   if problems:
     raise ConversionError("; ".join(problems))
-  return unflatten(out), ignored
+  return traverse_util.unflatten_dict(out), ignored
 
 
-def sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def load_torch(path: Path, trust_pickle: bool = False):
-  """torch.load with weights_only=True; full unpickling only when explicitly trusted."""
-  import torch  # conversion-only dependency
-  if not path.is_file():
-    raise ConversionError(f"{path}: no such file")
-  try:
-    return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-  except pickle.UnpicklingError as e:
-    if "weights_only" in str(e) and not trust_pickle:
-      raise ConversionError(
-          f"{path}: needs full unpickling (it stores non-tensor objects); re-run with "
-          "--trust-pickle only if you trust its source") from None
-    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
-  except Exception as e:  # torch.load raises many types on garbage (KeyError, EOFError, ...)
-    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def convert_file(path: str | Path, variant: str | None = None, nmf_rank: int = 16,
-            trust_pickle: bool = False) :
-  """Load and convert a checkpoint: returns (variables, metadata, report); raises ConversionError."""
-  path = Path(path)
-  sd, fmt = unwrap_state_dict(load_torch(path, trust_pickle))
-  inferred, num_classes = infer_config(sd)
-  if variant is not None and variant.lower() != inferred:
-    raise ConversionError(
-        f"--variant={variant} disagrees with the checkpoint's shapes, which are variant {inferred!r}")
-  backbone_only = "backbone" in fmt
-  model_kw = {"nmf_rank": nmf_rank, **({"num_classes": num_classes} if num_classes else {})}
-  target = abstract_variables(segnext(inferred, **model_kw))
-  variables, ignored = convert_state_dict(sd, target, backbone_only=backbone_only)
-  meta = dict(variant=inferred, model=model_kw, source_file=str(path.absolute()),
-              source_sha256=sha256(path), source_format=fmt, backbone_only=backbone_only,
-              ignored_keys=ignored)
-  report = Report(fmt, inferred, num_classes, backbone_only,
-                              len(sd) - len(ignored), ignored)
-  return variables, meta, report

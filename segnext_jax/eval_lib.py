@@ -14,9 +14,8 @@ import numpy as np
 import tqdm
 
 from segnext_jax.data.transforms import normalize, rescale_size, resize_image
-from segnext_jax.ham_head import bilinear_taps, random_bases, resize_bilinear
-
-IGNORE = 255
+from segnext_jax.ham_head import random_bases
+from segnext_jax.resize import IGNORE_INDEX as IGNORE, bilinear_taps, resize_bilinear
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,

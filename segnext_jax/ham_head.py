@@ -10,14 +10,15 @@ from typing import Any, Literal, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from segnext_jax.layers import Conv1x1
+from segnext_jax.resize import resize_bilinear
 
 GN_EPS = 1e-5
 NMF_EPS = 1e-6
 Dtype = Any
 NMFGrad = Literal["unroll", "one_step"]
+FIXED_BASES = "nmf_bases"  # variable collection of the inference bases (C, R)
 # mmcv ConvModule: kaiming normal (fan_out, relu); BaseDecodeHead: conv_seg ~ N(0, 0.01).
 KAIMING = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 CLS_INIT = nn.initializers.normal(0.01)
@@ -91,7 +92,13 @@ class ConvBias(nn.Module):
 
 
 class Hamburger(nn.Module):
-  """ham_in (1x1, bias) -> ReLU -> NMF2D -> ham_out (1x1 + GN) ; ReLU(x + ham_out)."""
+  """ham_in (1x1, bias) -> ReLU -> NMF2D -> ham_out (1x1 + GN) ; ReLU(x + ham_out).
+
+  NMF initial bases, in order of precedence: `bases` (B, C, R) if given; in training, a fresh
+  draw per image from the 'nmf' rng (mmseg); in inference, the model's fixed bases (C, R), the
+  variable `nmf_bases/bases` drawn once at init and stored with every checkpoint, shared by every
+  image: one image, one answer, whatever its batch, position or run.
+  """
   rank: int = 16
   train_steps: int = 6
   eval_steps: int = 7
@@ -100,32 +107,32 @@ class Hamburger(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None) -> jax.Array:
-    c = x.shape[-1]
+    b, c = x.shape[0], x.shape[-1]
     enjoy = nn.relu(ConvBias(c, self.dtype, name="ham_in")(x))
-    if bases is None:
-      bases = random_bases(self.make_rng("nmf"), x.shape[0], c, self.rank)
-    elif bases.shape != (x.shape[0], c, self.rank):
-      raise ValueError(f"nmf_bases has shape {bases.shape}, expected {(x.shape[0], c, self.rank)}")
+    bases = self._initial_bases(b, c, train, bases)
     steps = self.train_steps if train else self.eval_steps
     enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad)
     enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy)
     return nn.relu(x + enjoy)
 
-
-def bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """torch's bilinear source taps along one axis (align_corners=False): output i reads inputs
-  i0[i] and i1[i] with weights 1 - lam[i] and lam[i]."""
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  return i0, i1, (src - i0).astype(np.float32)
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of NHWC `x`, align_corners=False, no antialiasing (= torch F.interpolate)."""
-  if tuple(x.shape[1:3]) == tuple(size):
-    return x
-  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear", antialias=False)
+  def _initial_bases(self, b: int, c: int, train: bool, bases: jax.Array | None) -> jax.Array:
+    if self.is_initializing() or self.has_variable(FIXED_BASES, "bases"):
+      fixed = self.variable(FIXED_BASES, "bases",
+                            lambda: random_bases(self.make_rng("nmf"), 1, c, self.rank)[0]).value
+    else:
+      fixed = None
+    if bases is not None:
+      if bases.shape != (b, c, self.rank):
+        raise ValueError(f"nmf_bases has shape {bases.shape}, expected {(b, c, self.rank)}")
+      return bases
+    if train:
+      return random_bases(self.make_rng("nmf"), b, c, self.rank)
+    if fixed is not None:
+      return jnp.broadcast_to(fixed.astype(jnp.float32), (b, c, self.rank))
+    if self.has_rng("nmf"):
+      return random_bases(self.make_rng("nmf"), b, c, self.rank)
+    raise ValueError(f"inference needs NMF bases: the variables lack '{FIXED_BASES}' (pass "
+                     "nmf_bases=, an 'nmf' rng, or variables from load_checkpoint/init_variables)")
 
 
 class LightHamHead(nn.Module):

@@ -24,8 +24,9 @@ MLP_RATIOS = (8, 8, 4, 4)
 class SegNeXt(nn.Module):
   """Images (B,H,W,3), normalized, -> logits (B, ceil(H/8), ceil(W/8), num_classes).
 
-  rng streams: 'nmf' (NMF initial bases, unless `nmf_bases` is given) and, in training,
-  'dropout' (DropPath, Dropout2d).
+  Variables: 'params', 'batch_stats' and 'nmf_bases' (the fixed NMF initial bases inference
+  uses, drawn once at init). rng streams: 'nmf' (training's per-image NMF bases; at inference
+  only for variables without 'nmf_bases') and, in training, 'dropout' (DropPath, Dropout2d).
   """
   embed_dims: Sequence[int] = VARIANTS["t"]["embed_dims"]
   depths: Sequence[int] = VARIANTS["t"]["depths"]
@@ -69,6 +70,13 @@ def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] =
   x = jnp.zeros((1, *image_size, 3), jnp.float32)
   fast = model.clone(dw_impl="lax", remat=False)  # same variables; compiles several times faster
   return dict(jax.jit(lambda a, b: fast.init({"params": a, "nmf": b}, x, train=False))(k1, k2))
+
+
+def fixed_bases(model: SegNeXt, seed: int) -> dict:
+  """The 'nmf_bases' collection for `model`, drawn from `seed` as mmseg draws bases (C, R)."""
+  from segnext_jax.ham_head import FIXED_BASES, random_bases
+  bases = random_bases(jax.random.key(seed), 1, model.head_channels, model.nmf_rank)[0]
+  return {FIXED_BASES: {"decode_head": {"hamburger": {"bases": bases}}}}
 
 
 def abstract_variables(model: SegNeXt) -> dict:

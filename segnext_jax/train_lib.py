@@ -17,21 +17,10 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax.ham_head import bilinear_taps
+from segnext_jax.resize import IGNORE_INDEX, bilinear_matrix
 from segnext_jax.model import SegNeXt, init_variables, segnext
 
 log = logging.getLogger("segnext_jax.train")
-
-IGNORE_INDEX = 255
-
-
-def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
-  """(n_out, n_in) weights of torch's bilinear resize along one axis, align_corners=False."""
-  i0, i1, lam = bilinear_taps(n_out, n_in)
-  m = np.zeros((n_out, n_in), np.float32)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
-  np.add.at(m, (np.arange(n_out), i1), lam)
-  return m
 
 
 def _upsample(logits: jax.Array, ah: np.ndarray, aw: np.ndarray) -> jax.Array:

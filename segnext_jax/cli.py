@@ -1,0 +1,38 @@
+"""What every command-line entry point shares: flag spelling, the compile cache, error exits.
+
+Flags are spelled `--batch-size`; `--batch_size` is accepted as an alias everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
+FAST_CPU_HINT = ("On Linux CPUs, run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment "
+                 "(transparent huge pages for XLA's step buffers; a T train step ~1.4x faster).")
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
+  """`--a-b` plus the alias `--a_b` (and any extra aliases), one dest."""
+  dashed = "--" + name.replace("_", "-")
+  spellings = dict.fromkeys([dashed, "--" + name.replace("-", "_"), *aliases])
+  return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(description=doc, epilog=FAST_CPU_HINT,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def enable_compile_cache(path: str = DEFAULT_CACHE) -> None:
+  """Persist compiled programs on disk: a dataset's padded shapes compile once per machine."""
+  if not path:
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def quiet_absl() -> None:
+  logging.getLogger("absl").setLevel(logging.ERROR)

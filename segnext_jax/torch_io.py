@@ -1,0 +1,76 @@
+"""torch checkpoint files -> converted variables: the one module that reads .pth files.
+
+Used by `convert/from_torch.py` and by `train.py --pretrained x.pth`; torch is imported lazily
+(the `convert` extra), so the model, training and inference never need it.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+from segnext_jax import convert_map
+from segnext_jax.convert_map import ConversionError, Report
+from segnext_jax.model import abstract_variables, fixed_bases, segnext
+
+
+def load_torch(path: Path, trust_pickle: bool = False):
+  """torch.load with weights_only=True; full unpickling only when explicitly trusted."""
+  import torch  # conversion-only dependency
+  if not path.is_file():
+    raise ConversionError(f"{path}: no such file")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+  except pickle.UnpicklingError as e:
+    if "weights_only" in str(e) and not trust_pickle:
+      raise ConversionError(
+          f"{path}: needs full unpickling (it stores non-tensor objects); re-run with "
+          "--trust-pickle only if you trust its source") from None
+    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+  except Exception as e:  # torch.load raises many types on garbage (KeyError, EOFError, ...)
+    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def convert_file(path: str | Path, variant: str | None = None, nmf_rank: int | None = None,
+                 nmf_seed: int = 0, trust_pickle: bool = False) -> tuple[dict, dict, Report]:
+  """Load and convert a .pth: (variables incl. fixed NMF bases, metadata, report).
+
+  nmf_rank None: from the checkpoint's stored config, else its format's default (see
+  convert_map.nmf_rank). Raises ConversionError with one line naming the problem."""
+  path = Path(path)
+  obj = load_torch(path, trust_pickle)
+  sd, fmt = convert_map.unwrap_state_dict(obj)
+  inferred, num_classes = convert_map.infer_config(sd)
+  if variant is not None and variant.lower() != inferred:
+    raise ConversionError(
+        f"--variant={variant} disagrees with the checkpoint's shapes, which are variant {inferred!r}")
+  backbone_only = "backbone" in fmt
+  if nmf_rank is None:
+    nmf_rank, rank_source = convert_map.nmf_rank(convert_map.stored_config(obj), fmt, inferred)
+  else:
+    rank_source = "given (--nmf-rank)"
+  model_kw = {"nmf_rank": nmf_rank, **({"num_classes": num_classes} if num_classes else {})}
+  model = segnext(inferred, **model_kw)
+  variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(model),
+                                                      backbone_only=backbone_only)
+  if not backbone_only:
+    variables.update(fixed_bases(model, nmf_seed))
+  meta = dict(variant=inferred, model=model_kw, source_file=str(path.absolute()),
+              source_sha256=sha256(path), source_format=fmt, backbone_only=backbone_only,
+              ignored_keys=ignored, nmf_rank_source=rank_source,
+              nmf_bases=None if backbone_only else f"fixed, drawn from seed {nmf_seed}")
+  report = Report(fmt, inferred, num_classes, backbone_only, len(sd) - len(ignored), ignored,
+                  nmf_rank, rank_source)
+  return variables, meta, report
