@@ -1,173 +1,120 @@
-"""Segmentation datasets: ADE20K folders, tfds scene_parse150, and a learnable synthetic set.
+"""`--data` specs -> datasets, their recipe defaults, and the pre-training data check.
 
-Each dataset is indexable: `ds[i] -> (image RGB uint8 (H,W,3), label uint8 (H,W), 255 = ignore)`,
-with `num_classes`, `class_names` and `len(ds)`.
+Specs: `synthetic`, `folder:PATH` (mmseg custom layout, see folder.py), `ade20k:PATH`,
+`cityscapes:PATH`, `coco_stuff:PATH`, `tfds:ade20k_semantic[:DATA_DIR]`. Each dataset has
+`num_classes`, `class_names`, `palette` ((N, 3) uint8 RGB), `len(ds)` and
+`ds[i] -> (RGB uint8 (H, W, 3), uint8 label (H, W))`, 255 = ignore.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Protocol, Sequence
 
-import cv2
 import numpy as np
 
-from segnext_jax.data.transforms import reduce_zero_label
+from segnext_jax.data.files import DataError, DataWarning, MissingDataError, read_image
+from segnext_jax.data.folder import LAYOUTS, SPLITS, FolderDataset, folder_dataset
+from segnext_jax.data.synthetic import Synthetic
+
+__all__ = ["DATASET_DEFAULTS", "DataError", "DataWarning", "FolderDataset", "MissingDataError",
+           "SegDataset", "Synthetic", "check", "dataset_kind", "make_dataset", "read_image"]
+
+TFDS_NAME = "ade20k_semantic"
+SCENE_PARSE150_REFUSAL = (
+    "tfds:scene_parse150 is refused: tensorflow-datasets 4.9.10's scene_parse150 builder downloads "
+    "the 2017 Places Challenge annotations_instance.tar, whose R channel is the instance task's "
+    "100-category id, not the 150-class semantic label, and whose splits are train/test (no "
+    "validation); use ade20k:/path/ADEChallengeData2016, or prepare our builder once (python -m "
+    "segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP) and use tfds:ade20k_semantic[:DATA_DIR]")
+
+# Recipe defaults per dataset kind (keys: TrainConfig's crop_size/resize_scale/steps; the rest
+# for the train pipeline and EvalConfig). Sizes: crop (square side), scales (long, short);
+# eval_crop/eval_stride only matter for eval_mode 'slide' (stride = 2/3 crop, mmseg's habit).
+_PIPELINE = dict(ratio_range=(0.5, 2.0), cat_max_ratio=0.75)  # every mmseg/SegNeXt config
+DATASET_DEFAULTS = {
+  # mmseg 1.x configs/_base_/datasets/ade20k.py and segnext_mscan-*_1xb16-adamw-160k_ade20k-512x512
+  "ade20k": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
+                 eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
+                 steps=160_000, **_PIPELINE),
+  # SegNeXt local_configs/segnext/*/segnext.*.1024x1024.city.160k.py (crop 1024, test_cfg slide
+  # crop (1024, 1024) stride (768, 768)); scales as mmseg _base_/datasets/cityscapes_1024x1024.py
+  "cityscapes": dict(crop_size=1024, resize_scale=(2048, 1024), eval_scale=(2048, 1024),
+                     eval_mode="slide", eval_crop=(1024, 1024), eval_stride=(768, 768),
+                     steps=160_000, **_PIPELINE),
+  # SegNeXt segnext.*.512x512.coco_stuff164k.80k.py (test_cfg whole, 80k iters); crop and scales
+  # as mmseg _base_/datasets/coco-stuff164k.py
+  "coco_stuff": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
+                     eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
+                     steps=80_000, **_PIPELINE),
+  # custom data: the ADE20K recipe, which mmseg's custom-dataset tutorial starts from
+  "folder": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
+                 eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
+                 steps=160_000, **_PIPELINE),
+  # 128 px procedural scenes: a few-minute CPU run (TrainConfig.for_data("synthetic"))
+  "synthetic": dict(crop_size=128, resize_scale=(512, 128), eval_scale=(512, 128),
+                    eval_mode="whole", eval_crop=(128, 128), eval_stride=(85, 85),
+                    steps=300, **_PIPELINE),
+}
 
 
 class SegDataset(Protocol):
   num_classes: int
   class_names: Sequence[str]
+  palette: np.ndarray
 
   def __len__(self) -> int: ...
 
   def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def read_image(path: Path) -> np.ndarray:
-  """Any image file -> RGB uint8 (grayscale and alpha converted); a clear error if unreadable."""
-  img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-  if img is None:
-    raise ValueError(f"{path}: not a readable image")
-  if img.dtype != np.uint8:
-    img = cv2.convertScaleAbs(img, alpha=255.0 / max(float(img.max()), 1.0))
-  if img.ndim == 2:
-    return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-  if img.shape[2] == 4:
-    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-  return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+def _parse(spec: str) -> tuple[str, str]:
+  """(kind, argument) of a spec; ValueError (one line) for what no dataset reads."""
+  kind, _, arg = spec.partition(":")
+  if kind == "tfds":
+    name = arg.partition(":")[0]
+    if name == "scene_parse150":
+      raise ValueError(SCENE_PARSE150_REFUSAL)
+    if name != TFDS_NAME:
+      raise ValueError(f"unsupported tfds dataset {name!r}; use tfds:{TFDS_NAME}[:DATA_DIR]")
+    return kind, arg
+  if kind == "synthetic" and not arg:
+    return kind, arg
+  if kind in LAYOUTS:
+    if not arg:
+      raise ValueError(f"{kind} needs a path: --data {kind}:PATH")
+    return kind, arg
+  raise ValueError(f"unknown dataset {spec!r}; use synthetic, folder:PATH, ade20k:PATH, "
+                   f"cityscapes:PATH, coco_stuff:PATH or tfds:{TFDS_NAME}[:DATA_DIR]")
 
 
-class ADE20KFolder:
-  """ADEChallengeData2016: images/{split}/*.jpg + annotations/{split}/*.png (0 = ignore)."""
-  num_classes = 150
-
-  def __init__(self, root: str | Path, split: str = "training"):
-    from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
-    self.class_names = ADE20K_CLASSES
-    root = Path(root)
-    img_dir, ann_dir = root / "images" / split, root / "annotations" / split
-    for d in (img_dir, ann_dir):
-      if not d.is_dir():
-        raise FileNotFoundError(f"{d}: missing (expected the ADEChallengeData2016 layout)")
-    self.images = sorted(img_dir.glob("*.jpg"))
-    if not self.images:
-      raise FileNotFoundError(f"{img_dir}: no .jpg images")
-    self.labels = [ann_dir / (p.stem + ".png") for p in self.images]
-    missing = [str(p) for p in self.labels if not p.is_file()]
-    if missing:
-      raise FileNotFoundError(f"{len(missing)} annotations missing, e.g. {missing[0]}")
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-    label = cv2.imread(str(self.labels[i]), cv2.IMREAD_GRAYSCALE)
-    if label is None:
-      raise ValueError(f"{self.labels[i]}: not a readable annotation")
-    return read_image(self.images[i]), reduce_zero_label(label)
-
-
-class TFDSSceneParse:
-  """tensorflow-datasets `scene_parse150` (ADE20K SceneParsing) read through tfds.data_source."""
-  num_classes = 150
-
-  def __init__(self, split: str = "train", data_dir: str | None = None):
-    from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
-    self.class_names = ADE20K_CLASSES
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError:
-      raise ImportError("tfds:scene_parse150 needs tensorflow-datasets: pip install -e .[tfds]") from None
-    try:
-      self.source = tfds.data_source("scene_parse150", split=split, data_dir=data_dir)
-    except Exception as e:  # not prepared / not found: tfds raises several types
-      raise FileNotFoundError(
-          f"tfds scene_parse150 ({split}) is not prepared in {data_dir or '~/tensorflow_datasets'}: "
-          f"{str(e).splitlines()[0][:160]}") from None
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-    ex = self.source[i]
-    ann = np.asarray(ex["annotation"])
-    label = ann[..., 0] if ann.ndim == 3 else ann  # class id replicated in the channels
-    return np.asarray(ex["image"], np.uint8), reduce_zero_label(label.astype(np.uint8))
-
-
-SYNTHETIC_CLASSES = ("background", "disc", "box", "triangle", "stripes", "checker")
-
-
-@dataclasses.dataclass
-class Synthetic:
-  """Procedural scenes: a noisy gradient background with discs, boxes, triangles, striped and
-  checkered blobs, each class with its own colour range and texture. Seeded per index; the
-  validation split uses a disjoint seed range."""
-  length: int = 2000
-  size: int = 128
-  seed: int = 0
-  split: str = "train"
-  num_classes: int = len(SYNTHETIC_CLASSES)
-  class_names: Sequence[str] = SYNTHETIC_CLASSES
-
-  def __len__(self) -> int:
-    return self.length
-
-  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0 <= i < self.length:
-      raise IndexError(i)
-    rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
-    s = self.size
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    base = rng.uniform(60, 140, 3)
-    tilt = rng.uniform(-0.3, 0.3, 2)
-    img = base + (tilt[0] * yy + tilt[1] * xx)[..., None]
-    label = np.zeros((s, s), np.uint8)
-    for _ in range(rng.integers(2, 6)):
-      cls = int(rng.integers(1, self.num_classes))
-      mask = self._shape(cls, rng, yy, xx)
-      img[mask] = self._texture(cls, rng, yy, xx)[mask]
-      label[mask] = cls
-    img += rng.normal(0, 8, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), label
-
-  def _shape(self, cls: int, rng, yy, xx) -> np.ndarray:
-    s = self.size
-    cy, cx = rng.uniform(0.1 * s, 0.9 * s, 2)
-    r = rng.uniform(0.08 * s, 0.22 * s)
-    if cls == 1:  # disc
-      return (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-    if cls == 3:  # triangle, apex up
-      return (yy < cy + r) & (np.abs(xx - cx) < (yy - (cy - r)) * 0.6)
-    if cls == 4:  # ellipse
-      return ((yy - cy) / r) ** 2 + ((xx - cx) / (1.6 * r)) ** 2 < 1
-    return (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r * rng.uniform(0.6, 1.4))  # box / checker
-
-  def _texture(self, cls: int, rng, yy, xx) -> np.ndarray:
-    hue = {1: (220, 40, 40), 2: (40, 200, 60), 3: (50, 80, 230), 4: (230, 210, 40), 5: (200, 200, 200)}[cls]
-    color = np.clip(np.array(hue) + rng.normal(0, 20, 3), 0, 255)
-    tex = np.ones_like(yy)
-    if cls == 4:
-      tex = 0.55 + 0.45 * (np.sin((yy + xx) * rng.uniform(0.5, 0.8)) > 0)
-    elif cls == 5:
-      period = int(rng.integers(4, 8))
-      tex = 0.35 + 0.65 * (((yy // period) + (xx // period)) % 2)
-    return color * tex[..., None]
+def dataset_kind(spec: str) -> str:
+  """The DATASET_DEFAULTS key of a spec: tfds:ade20k_semantic is 'ade20k'."""
+  kind, _ = _parse(spec)
+  return "ade20k" if kind == "tfds" else kind
 
 
 def make_dataset(spec: str, split: str) -> SegDataset:
-  """'synthetic' | 'ade20k:PATH' | 'tfds:scene_parse150[:DATA_DIR]'; split 'train' or 'val'."""
-  kind, _, arg = spec.partition(":")
+  """The `split` ('train' or 'val') of a --data spec."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  kind, arg = _parse(spec)
   if kind == "synthetic":
     return Synthetic(length=2000 if split == "train" else 64, split=split)
-  if kind == "ade20k":
-    if not arg:
-      raise ValueError("ade20k needs a path: --data ade20k:/path/ADEChallengeData2016")
-    return ADE20KFolder(arg, "training" if split == "train" else "validation")
   if kind == "tfds":
-    name, _, data_dir = arg.partition(":")
-    if name != "scene_parse150":
-      raise ValueError(f"unsupported tfds dataset {name!r}; only scene_parse150")
-    return TFDSSceneParse("train" if split == "train" else "validation", data_dir or None)
-  raise ValueError(f"unknown dataset {spec!r}; use synthetic, ade20k:PATH or tfds:scene_parse150")
+    try:
+      from segnext_jax.data.tfds_ade20k import TFDSADE20K
+    except ModuleNotFoundError as e:
+      raise ImportError(f"tfds:{TFDS_NAME} needs tensorflow-datasets ({e}): "
+                        "pip install -e .[tfds]") from None
+    data_dir = arg.partition(":")[2] or None
+    return TFDSADE20K("train" if split == "train" else "validation", data_dir)
+  return folder_dataset(kind, arg, split)
+
+
+def check(dataset: SegDataset, workers: int | None = None, decode_images: bool = False) -> None:
+  """Scan a whole split before training/eval; raise DataError naming the first bad file.
+
+  Checks each image header (or full decode), mask readability, sizes and label values;
+  warns (DataWarning) on 2-class masks stored as 0/255. Datasets without files pass."""
+  validate = getattr(dataset, "validate", None)
+  if validate is not None:
+    validate(workers=workers, decode_images=decode_images)

@@ -15,9 +15,9 @@ IGNORE = 255
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  """ADE20K: 0 (other) -> 255 (ignore), 1..150 -> 0..149."""
+  """mmseg's: 0 (other) -> 255 (ignore), v -> v - 1, and 255 stays 255 (ADE20K: 1..150 -> 0..149)."""
   out = label.astype(np.int16) - 1
-  out[label == 0] = IGNORE
+  out[(out < 0) | (out == IGNORE - 1)] = IGNORE
   return out.astype(np.uint8)
 
 
