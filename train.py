@@ -1,70 +1,90 @@
-"""Train SegNeXt with mmseg's ADE20K recipe (or a short synthetic run when no data is given).
+"""Train SegNeXt with mmseg's recipe (a short synthetic run when no data is given).
 
   python train.py                                   # synthetic data, SegNeXt-T, a few minutes on CPU
   python train.py --variant=l --data=ade20k:/data/ADEChallengeData2016 \
       --pretrained=mscan_l_20230227-cef260d4.pth --workdir=runs/l
-Re-running with the same --workdir resumes from its latest checkpoint.
-Multi-host: call with SEGNEXT_DISTRIBUTED=1 on every host (jax.distributed.initialize reads the
-cluster from the environment); each process loads only its shard of every global batch.
+  python train.py --config runs/l/config.json      # replay a run's saved config (later flags win)
+The config is TrainConfig's defaults (mmseg's ADE20K recipe) <- --config (a preset name, by default
+the one --data implies, or a saved config.json) <- the flags given. Re-running with the same
+--workdir resumes from its latest checkpoint; a different recipe there is refused.
+Multi-host: add --distributed on every host (jax.distributed.initialize reads the cluster from
+the environment); each process loads only its shard of every global batch.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
-import os
+import sys
 import typing
 
-HELP = {
-    "variant": "model size: t, s, b or l", "data": "synthetic | ade20k:PATH | tfds:scene_parse150[:DATA_DIR]",
-    "workdir": "checkpoints, config.json (resumes if it holds checkpoints)",
-    "pretrained": "ImageNet MSCAN .pth (mmseg/official), mmseg segmentor .pth or converted dir",
-    "steps": "total iterations", "batch_size": "global batch (split across devices)",
-    "crop_size": "square train crop", "resize_scale": "RandomResize base scale (long short)",
-    "lr": "AdamW base lr", "head_lr_mult": "lr multiplier of decode_head params",
-    "weight_decay": "AdamW decoupled decay (none on backbone norms)",
-    "warmup_steps": "LinearLR warm-up length", "warmup_factor": "LinearLR start factor",
-    "poly_power": "PolyLR power after warm-up", "precision": "fp32 | bf16 (compute; NMF stays fp32)",
-    "remat": "rematerialise MSCA blocks to save memory", "nmf_grad": "unroll (mmseg) | one_step",
-    "eval_every": "validate every N steps", "eval_images": "validation images (0 = all)",
-    "ckpt_every": "checkpoint every N steps", "keep_ckpts": "checkpoints kept",
-}
+from segnext_jax import cli
+from segnext_jax.config import PRESETS, TrainConfig, load_preset, make_config, preset_for_data
 
 
-def parse_args(argv=None) -> dict:
-  from segnext_jax.train_lib import TrainConfig
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+  p = cli.parser(__doc__)
+  cli.add_flag(p, "config", default=None, metavar="NAME|FILE.json",
+               help=f"preset ({', '.join(PRESETS)}) or a saved config.json (default: the --data kind's preset)")
+  cli.add_flag(p, "distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   hints = typing.get_type_hints(TrainConfig)
   for f in dataclasses.fields(TrainConfig):
     typ = hints[f.name]
-    kw: dict = dict(default=None, help=f"{HELP.get(f.name, '')} (default {f.default})")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kw: dict = dict(default=None, help=f"{f.metadata.get('help', '')} (default {default})")
     if typ is bool:
-      kw.update(type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL")
+      kw.update(type=_bool, metavar="BOOL")
     elif typing.get_origin(typ) is tuple:
       kw.update(type=int, nargs=2)
+    elif typing.get_origin(typ) is typing.Literal:
+      kw.update(choices=typing.get_args(typ))
+    elif typ is dict:
+      kw.update(type=json.loads, metavar="JSON")
     else:
       kw.update(type=typ)
-    p.add_argument(f"--{f.name}", **kw)
-  args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(p.parse_args(argv)).items()}
-  return {k: v for k, v in args.items() if v is not None}
+    cli.add_flag(p, f.name, **kw)
+  return p
 
 
-def main(argv=None) -> None:
+def _bool(s: str) -> bool:
+  if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+  return s.lower() in ("1", "true", "yes")
+
+
+def resolve(argv=None) -> tuple[TrainConfig, bool]:
+  """(config, distributed) from the command line."""
+  args = vars(build_parser().parse_args(argv))
+  preset, distributed = args.pop("config"), args.pop("distributed")
+  flags = {k: v for k, v in args.items() if v is not None}
+  overlay = load_preset(preset or preset_for_data(flags.get("data", "synthetic")))
+  logging.info("preset %s", preset or preset_for_data(flags.get("data", "synthetic")))
+  return make_config(overlay, flags), distributed
+
+
+def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  if os.environ.get("SEGNEXT_DISTRIBUTED"):
+  try:
+    cfg, distributed = resolve(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if distributed:
     import jax
     jax.distributed.initialize()
-  from segnext_jax.train_lib import TrainConfig, train_and_evaluate
-  args = parse_args(argv)
-  cfg = TrainConfig.for_data(args.pop("data", "synthetic"), **args)
-  result = train_and_evaluate(cfg)
+  from segnext_jax.train_lib import train_and_evaluate
+  try:
+    result = train_and_evaluate(cfg)
+  except (ValueError, FileNotFoundError, ImportError) as e:  # bad data, recipe mismatch, ...
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if result["history"]["eval"]:
     step, miou, aacc = result["history"]["eval"][-1]
     print(f"final (step {step}): val mIoU {100 * miou:.2f}, aAcc {100 * aacc:.2f}; workdir {cfg.workdir}")
+  return 0
 
 
 if __name__ == "__main__":
-  from segnext_jax.cpu_runtime import reexec_with_huge_pages
-  reexec_with_huge_pages()
-  main()
+  sys.exit(main())

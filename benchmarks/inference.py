@@ -87,6 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from segnext_jax.cpu_runtime import reexec_with_huge_pages
-  reexec_with_huge_pages()
   main()

@@ -22,8 +22,8 @@ from inference import median_ms  # benchmarks/ is on sys.path when run as a scri
 def run_jax(args) -> dict:
   import jax
   from segnext_jax.model import init_variables
-  from segnext_jax.train_lib import (TrainConfig, build_model, create_train_state, jit_train_step,
-                                     make_mesh, shard_batch)
+  from segnext_jax.config import TrainConfig
+  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
   cfg = TrainConfig(variant=args.variant, batch_size=args.batch, precision=args.precision,
                     remat=args.remat, nmf_grad=args.nmf_grad)
   model = build_model(cfg, 150)
@@ -110,6 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from segnext_jax.cpu_runtime import reexec_with_huge_pages
-  reexec_with_huge_pages()
   main()

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax.resize import IGNORE_INDEX, bilinear_matrix
+from segnext_jax import checkpoint
+from segnext_jax.config import TrainConfig, recipe_diff, to_json
+from segnext_jax.metric_writer import MetricWriter
 from segnext_jax.model import SegNeXt, init_variables, segnext
+from segnext_jax.resize import IGNORE_INDEX, bilinear_matrix
 
 log = logging.getLogger("segnext_jax.train")
 
@@ -69,52 +71,6 @@ def seg_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   labels' (B,H,W) size, softmax CE, ignored pixels (255) count 0, averaged over ALL pixels
   (avg_non_ignore=False). Memory-lean custom gradient."""
   return _upsampled_ce(logits.astype(jnp.float32), labels.astype(jnp.int32))
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Every recipe setting. Defaults: mmseg's ADE20K recipe (segnext_mscan-*_1xb16-adamw-160k);
-  `for_data('synthetic')` swaps in a short CPU-sized run."""
-  variant: str = "t"                     # t | s | b | l
-  data: str = "synthetic"                # synthetic | ade20k:PATH | tfds:scene_parse150[:DATA_DIR]
-  workdir: str = "runs/segnext"
-  pretrained: str = ""                   # MSCAN ImageNet .pth, mmseg segmentor .pth, or converted dir
-  steps: int = 160_000
-  batch_size: int = 16                   # global batch, split over all devices/processes
-  crop_size: int = 512
-  resize_scale: tuple[int, int] = (2048, 512)
-  lr: float = 6e-5
-  head_lr_mult: float = 10.0
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.999
-  warmup_steps: int = 1500
-  warmup_factor: float = 1e-6
-  poly_power: float = 1.0
-  seed: int = 0
-  precision: str = "fp32"                # fp32 | bf16 (compute; params and NMF stay fp32)
-  remat: bool = False                    # rematerialise MSCA blocks (less memory, ~30% slower)
-  nmf_grad: str = "unroll"               # unroll (mmseg) | one_step (Hamburger's, less memory)
-  nmf_rank: int = 16
-  eval_every: int = 16_000
-  eval_images: int = 0                   # 0 = the whole validation split
-  ckpt_every: int = 16_000
-  keep_ckpts: int = 3
-  log_every: int = 50
-  workers: int = 4
-
-  @staticmethod
-  def for_data(data: str, **overrides) -> "TrainConfig":
-    """Paper defaults for real data; a few-minute CPU run for the synthetic set."""
-    if data == "synthetic":
-      base = dict(steps=300, batch_size=8, crop_size=128, resize_scale=(512, 128), lr=1e-3,
-                  head_lr_mult=1.0, warmup_steps=30, eval_every=100, ckpt_every=100,
-                  log_every=10, workdir="runs/synthetic")
-      overrides = {**base, **overrides}
-    return TrainConfig(data=data, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,18 +133,27 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  nmf_bases: Any = None  # the fixed inference bases, carried into every checkpoint
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats, "nmf_bases": self.nmf_bases}
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> SegNeXt:
-  return segnext(cfg.variant, num_classes=num_classes, nmf_rank=cfg.nmf_rank, remat=cfg.remat,
+  return segnext(cfg.variant, **model_kwargs(cfg, num_classes), remat=cfg.remat,
                  nmf_grad=cfg.nmf_grad,
                  dtype=jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32)
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+  """What a checkpoint's metadata needs to rebuild the model (beyond the variant)."""
+  return {**cfg.model_overrides, "num_classes": num_classes, "nmf_rank": cfg.nmf_rank}
 
 
 def create_train_state(cfg: TrainConfig, model: SegNeXt, variables: dict) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            tx=make_optimizer(cfg, variables["params"]),
-                           batch_stats=variables["batch_stats"])
+                           batch_stats=variables["batch_stats"], nmf_bases=variables["nmf_bases"])
 
 
 def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,
@@ -231,104 +196,100 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretrained weights, checkpoints
+# Checkpoints of a run (layout: segnext_jax/checkpoint.py)
 
-def load_pretrained(path: str, variables: dict, variant: str) -> tuple[dict, list[str]]:
-  """Overlay a .pth (MSCAN ImageNet backbone or mmseg segmentor) or a converted directory onto
-  `variables`. Returns (variables, paths NOT loaded); mis-shaped backbone tensors are an error."""
-  from segnext_jax import convert_map
-  from segnext_jax.checkpoint import load_tree, read_meta
-  if Path(path).is_dir():
-    meta = read_meta(path)
-    source, src_variant = load_tree(path), meta["variant"]
-  else:
-    source, meta, _ = convert_map.convert_file(path)
-    src_variant = meta["variant"]
-  if src_variant != variant:
-    raise ValueError(f"--pretrained {path} is variant {src_variant!r}, the model is {variant!r}")
-  flat_src = convert_map.flatten(source)
-  flat = convert_map.flatten(variables)
-  loaded, skipped = {}, []
-  for p, v in flat.items():
-    src = flat_src.get(p)
-    if src is not None and tuple(src.shape) == tuple(v.shape):
-      loaded[p] = jnp.asarray(src, v.dtype)
-    elif src is not None and p[1] != "decode_head":
-      raise ValueError(f"--pretrained {path}: {'/'.join(p)} has shape {src.shape}, model {v.shape}")
-    else:
-      skipped.append("/".join(p))  # e.g. the decode head (backbone-only) or conv_seg (#classes)
-  return convert_map.unflatten({**flat, **loaded}), skipped
+def save_state(mngr, state: TrainState, meta: dict) -> None:
+  checkpoint.save(mngr, int(state.step), state.variables(), meta,
+                  opt={"opt_state": state.opt_state, "step": state.step})
 
 
-def checkpoint_manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      Path(workdir).absolute() / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_names=("model", "opt", "meta"))
+def restore_state(mngr, state: TrainState, step: int, mesh: jax.sharding.Mesh) -> TrainState:
+  """Restore onto THIS run's mesh (replicated), whatever device count wrote the checkpoint."""
+  repl = NamedSharding(mesh, P())
+  target = lambda t: checkpoint.on_devices(jax.eval_shape(lambda: t), repl)
+  got = checkpoint.restore(mngr, step, model=target(state.variables()),
+                           opt=target({"opt_state": state.opt_state, "step": state.step}))
+  m, o = got["model"], got["opt"]
+  return state.replace(params=m["params"], batch_stats=m["batch_stats"], nmf_bases=m["nmf_bases"],
+                       opt_state=o["opt_state"], step=o["step"])
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-  """Atomic (orbax tmp dir + rename): model variables, optimizer state + step, json metadata."""
-  step = int(state.step)
-  mngr.save(step, args=ocp.args.Composite(
-      model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-      opt=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
-      meta=ocp.args.JsonSave(meta)), force=True)
+class RecipeMismatch(ValueError):
+  """Resuming a workdir with another recipe than the one it was trained with."""
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, step: int) -> TrainState:
-  abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-  got = mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(abstract({"params": state.params, "batch_stats": state.batch_stats})),
-      opt=ocp.args.StandardRestore(abstract({"opt_state": state.opt_state, "step": state.step}))))
-  return state.replace(params=got.model["params"], batch_stats=got.model["batch_stats"],
-                       opt_state=got.opt["opt_state"], step=got.opt["step"])
+def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
+  """A workdir with checkpoints resumes only with the recipe it was started with."""
+  saved = workdir / "config.json"
+  if not saved.is_file() or not (workdir / checkpoint.SUBDIR).is_dir():
+    return
+  diff = recipe_diff(json.loads(saved.read_text()), cfg)
+  if diff:
+    raise RecipeMismatch(f"{workdir} was trained with another recipe ({'; '.join(diff)}); use a new "
+                         "--workdir, or --config " + str(saved) + " to resume it")
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def prepare_data(cfg: TrainConfig):
+  """(train, val) datasets, checked before anything is written: bad data fails here."""
+  from segnext_jax.data.datasets import make_dataset
+  train_ds, val_ds = make_dataset(cfg.data, "train"), make_dataset(cfg.data, "val")
+  for ds in (train_ds, val_ds):
+    if hasattr(ds, "validate"):
+      ds.validate()
+  if train_ds.num_classes != val_ds.num_classes:
+    raise ValueError(f"{cfg.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
+  return train_ds, val_ds
+
+
 def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True) -> dict:
   """Train per `cfg` in cfg.workdir, resuming from its latest checkpoint. `stop_after` ends the
   process-local run early at that step (a simulated preemption, for tests). Returns final metrics."""
-  from segnext_jax.data.datasets import make_dataset
+  from segnext_jax import eval_lib
   from segnext_jax.data.loader import TrainLoader
   from segnext_jax.data.transforms import TrainPipeline
-  from segnext_jax.eval_lib import EvalConfig, Predictor, evaluate
   import tqdm
 
   workdir = Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-  log.info("config: %s", dataclasses.asdict(cfg))
-  train_ds, val_ds = make_dataset(cfg.data, "train"), make_dataset(cfg.data, "val")
+  check_resumable(workdir, cfg)
+  train_ds, val_ds = prepare_data(cfg)
   model = build_model(cfg, train_ds.num_classes)
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   variables = init_variables(model, jax.random.key(cfg.seed))
   if cfg.pretrained:
-    variables, skipped = load_pretrained(cfg.pretrained, variables, cfg.variant)
-    n_all = len(jax.tree.leaves(variables))
-    log.warning("pretrained %s: loaded %d/%d tensors; NOT loaded (%d): %s", cfg.pretrained,
-                n_all - len(skipped), n_all, len(skipped), _summarize(skipped))
+    from segnext_jax.pretrained import load_pretrained
+    variables, report = load_pretrained(cfg.pretrained, variables, cfg.variant)
+    log.warning("pretrained %s: %s", cfg.pretrained, report.summary())
+  lead = jax.process_index() == 0
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(to_json(cfg))
+  log.info("config: %s", to_json(cfg))
   state = jax.device_put(create_train_state(cfg, model, variables), repl)
-  meta = dict(variant=cfg.variant, model=dict(num_classes=train_ds.num_classes, nmf_rank=cfg.nmf_rank),
-              class_names=list(train_ds.class_names), config=dataclasses.asdict(cfg))
-  mngr = checkpoint_manager(workdir, cfg.keep_ckpts)
+  meta = dict(variant=cfg.variant, model=model_kwargs(cfg, train_ds.num_classes),
+              class_names=list(train_ds.class_names),
+              palette=[list(map(int, c)) for c in getattr(train_ds, "palette", [])] or None,
+              config=json.loads(to_json(cfg)), nmf_bases=f"fixed, drawn at init from seed {cfg.seed}")
+  mngr = checkpoint.manager(workdir, cfg.keep_ckpts, create=True)
   if mngr.latest_step() is not None:
-    state = jax.device_put(restore_checkpoint(mngr, state, mngr.latest_step()), repl)
+    state = restore_state(mngr, state, mngr.latest_step(), mesh)
     log.warning("resumed from %s at step %d", mngr.directory, int(state.step))
   start = int(state.step)
+  writer = MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(cfg, mesh)
   base_key = jax.random.key(cfg.seed + 1)
   pipeline = TrainPipeline(crop=(cfg.crop_size, cfg.crop_size), scale=tuple(cfg.resize_scale))
   loader = TrainLoader(train_ds, pipeline, cfg.batch_size, cfg.seed, start, cfg.workers,
                        process_index=jax.process_index(), process_count=jax.process_count())
-  eval_cfg = EvalConfig(scale=tuple(cfg.resize_scale), batch_size=max(1, min(8, cfg.batch_size)))
-  predictor = Predictor(model.clone(remat=False), None, eval_cfg)  # compiled once, reused per eval
+  evaluator = eval_lib.Evaluator(model.clone(remat=False), eval_lib.EvalConfig(
+      scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
+      stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
   history: dict[str, Any] = {"loss": [], "eval": []}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-  bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or not lead,
                   unit="step", dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), start
   try:
@@ -344,24 +305,24 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
         ips = (done - n_last) * cfg.batch_size / (time.perf_counter() - t_last)
         t_last, n_last = time.perf_counter(), done
         history["loss"].append((done, float(m["loss"])))
+        writer.write(done, {**{k: float(v) for k, v in m.items()}, "images_per_s": ips})
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.1f}")
       bar.update(1)
       if done % cfg.eval_every == 0 or done == cfg.steps:
-        predictor.variables = {"params": state.params, "batch_stats": state.batch_stats}
-        res = evaluate(predictor, val_ds, cfg.eval_images, progress=False)
+        res = evaluator.evaluate(state.variables(), val_ds, cfg.eval_images, progress=False)
         history["eval"].append((done, res["mIoU"], res["aAcc"]))
-        bar.write(f"step {done}: val mIoU {100 * res['mIoU']:.2f}  aAcc {100 * res['aAcc']:.2f}  "
-                  f"mAcc {100 * res['mAcc']:.2f}  ({res['images']} images)")
+        pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
+        writer.write(done, pct, prefix="val", extra={"IoU": {
+            n: (None if not np.isfinite(v) else 100 * float(v))
+            for n, v in zip(train_ds.class_names, res["IoU"])}})
+        bar.write(f"step {done}: val mIoU {pct['mIoU']:.2f}  aAcc {pct['aAcc']:.2f}  "
+                  f"mAcc {pct['mAcc']:.2f}  ({res['images']} images)")
       if done % cfg.ckpt_every == 0 or done == end:
-        save_checkpoint(mngr, state, meta)
+        save_state(mngr, state, meta)
   finally:
     bar.close()
     loader.close()
     mngr.wait_until_finished()
     mngr.close()
+    writer.close()
   return {"state": state, "history": history}
-
-
-def _summarize(paths: list[str], n: int = 6) -> str:
-  heads = sorted({"/".join(p.split("/")[:3]) for p in paths})
-  return ", ".join(heads[:n]) + (" ..." if len(heads) > n else "") if paths else "none"

@@ -22,13 +22,9 @@ def torch_ref_t(tmp_path_factory):
   return TorchReference("t", tmp_path_factory.mktemp("ref_t"))
 
 
-@pytest.fixture
-def tiny_variant(monkeypatch):
-  """A 'test' variant (flax _ResNet1 idea): fast to compile, same code paths as T."""
-  from segnext_jax.model import VARIANTS
-  monkeypatch.setitem(VARIANTS, "test", dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1),
-                                             head_channels=32, drop_path=0.1))
-  return "test"
+# A tiny SegNeXt (flax _ResNet1 idea): fast to compile, same code paths as T. Passed as
+# segnext("t", **TINY) / TrainConfig(model_overrides=TINY) / --model-overrides JSON.
+TINY = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32)
 
 
 @pytest.fixture(scope="session", autouse=True)

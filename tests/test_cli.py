@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import TINY
 from segnext_jax.checkpoint import load_checkpoint
 from segnext_jax.data.datasets import Synthetic
 
@@ -23,10 +24,10 @@ def load_script(name: str):
 
 
 @pytest.fixture
-def workdir(tmp_path, tiny_variant):
+def workdir(tmp_path):
   train = load_script("train")
   wd = tmp_path / "run"
-  train.main([f"--variant={tiny_variant}", "--steps=3", "--batch_size=2", "--crop_size=64",
+  train.main([f"--model-overrides={json.dumps(TINY)}", "--steps=3", "--batch_size=2", "--crop_size=64",
               "--resize_scale", "128", "64", "--eval_every=3", "--eval_images=4", f"--workdir={wd}",
               "--warmup_steps=1", "--workers=1"])
   return wd

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import mmseg_segmentor_modules, segmentor_state_dict
-from segnext_jax import convert_map
-from segnext_jax.checkpoint import load_tree, read_meta
+from flax import traverse_util
+
+from segnext_jax import checkpoint, convert_map, torch_io
 from segnext_jax.model import abstract_variables, segnext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +40,9 @@ def test_every_key_of_every_variant_maps(variant):
   assert convert_map.infer_config(sd) == (variant, 150)
   variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(segnext(variant)))
   assert all(k.endswith("num_batches_tracked") for k in ignored)
-  n_target = len(convert_map.flatten(abstract_variables(segnext(variant))))
-  assert len(convert_map.flatten(variables)) == n_target == len(sd) - len(ignored)
+  target = abstract_variables(segnext(variant))
+  n_target = len(traverse_util.flatten_dict({c: target[c] for c in convert_map.MAPPED_COLLECTIONS}))
+  assert len(traverse_util.flatten_dict(variables)) == n_target == len(sd) - len(ignored)
 
 
 def test_conv_kernel_is_transposed_and_bn_goes_to_batch_stats(sd_t):
@@ -54,11 +56,11 @@ def test_conv_kernel_is_transposed_and_bn_goes_to_batch_stats(sd_t):
 
 def test_official_repo_alias_and_backbone_only(sd_t):
   official = {k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv."): v for k, v in sd_t.items()}
-  assert convert_map._detect_format(official) == "official SegNeXt segmentor"
+  assert convert_map.detect_format(official) == "official SegNeXt segmentor"
   a, _ = convert_map.convert_state_dict(official, abstract_variables(segnext("t")))
   backbone = {k[len("backbone."):]: v for k, v in sd_t.items() if k.startswith("backbone.")}
   backbone.update({"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
-  assert convert_map._detect_format(backbone) == "mmseg MSCAN backbone"
+  assert convert_map.detect_format(backbone) == "mmseg MSCAN backbone"
   b, ignored = convert_map.convert_state_dict(backbone, abstract_variables(segnext("t")), backbone_only=True)
   assert {"head.weight", "head.bias"} <= set(ignored)
   assert "decode_head" not in b["params"]
@@ -128,10 +130,42 @@ def test_cli_writes_checkpoint_with_metadata(tmp_path, sd_t):
   res = run_cli(path, "-o", tmp_path / "conv", "--variant", "t")
   assert res.returncode == 0, res.stderr
   assert "mmseg segmentor: variant t, num_classes 150" in res.stdout
-  meta = read_meta(tmp_path / "conv")
+  assert "NMF rank 16 (no stored config" in res.stdout
+  model, tree, meta = checkpoint.load(tmp_path / "conv")
   assert meta["variant"] == "t" and meta["model"] == {"nmf_rank": 16, "num_classes": 150}
-  assert len(meta["source_sha256"]) == 64
-  tree = load_tree(tmp_path / "conv")
+  assert len(meta["source_sha256"]) == 64 and model.nmf_rank == 16
   np.testing.assert_array_equal(tree["params"]["decode_head"]["conv_seg"]["bias"],
                                 sd_t["decode_head.conv_seg.bias"].numpy())
+  bases = np.asarray(tree["nmf_bases"]["decode_head"]["hamburger"]["bases"])
+  assert bases.shape == (256, 16) and np.allclose(np.linalg.norm(bases, axis=0), 1.0, atol=1e-6)
   assert run_cli(path, "-o", tmp_path / "conv").returncode != 0  # refuses to overwrite
+
+
+OFFICIAL_B_CONFIG = """model = dict(type='EncoderDecoder', decode_head=dict(type='LightHamHead',
+    in_channels=[128, 320, 512], channels=512, ham_channels=512, ham_kwargs=dict(MD_R=16)))"""
+
+
+@pytest.mark.parametrize("fmt,config,flag,want", [
+    ("official", None, None, 64),                                   # official B/L: Hamburger default
+    ("official", OFFICIAL_B_CONFIG, None, 16),                      # the stored config wins
+    ("official", OFFICIAL_B_CONFIG.replace("MD_R=16", "MD_S=1"), None, 64),  # config without MD_R
+    ("mmseg", None, None, 16),                                      # mmseg 1.x configs: 16
+    ("mmseg", "model = dict(decode_head=dict(ham_kwargs=dict(MD_S=1, MD_R=32)))", None, 32),
+    ("official", None, 8, 8),                                       # --nmf-rank overrides
+])
+def test_nmf_rank_from_stored_config_or_format(tmp_path, fmt, config, flag, want):
+  sd = {k: torch.from_numpy(v) for k, v in shapes_only("b").items()}
+  if fmt == "official":
+    sd = {k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv."): v for k, v in sd.items()}
+  path = tmp_path / "b.pth"
+  torch.save({"meta": {"config": config} if config else {}, "state_dict": sd}, path)
+  variables, meta, report = torch_io.convert_file(path, nmf_rank=flag)
+  assert report.variant == "b" and meta["model"]["nmf_rank"] == report.nmf_rank == want, report
+  assert variables["nmf_bases"]["decode_head"]["hamburger"]["bases"].shape == (512, want)
+  if flag is None and config is None and fmt == "official":
+    assert "official SegNeXt segmentor B configs use 64" in report.nmf_rank_source
+
+
+def test_mmengine_cfg_key_is_read():
+  assert convert_map.stored_config({"meta": {"cfg": "ham_kwargs=dict(MD_R=16)"}}) == "ham_kwargs=dict(MD_R=16)"
+  assert convert_map.nmf_rank("'MD_R': 48", "official SegNeXt segmentor", "l")[0] == 48

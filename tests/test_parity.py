@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from conftest import FP32_ATOL, TorchReference
 
@@ -107,8 +108,8 @@ def test_train_mode_loss_and_grads_t(torch_ref_t, tmp_path):
   assert abs(float(loss) - loss_t) <= 1e-5 * max(1.0, abs(loss_t)), (float(loss), loss_t)
   target = {"params": variables["params"]}
   grads_t_tree, _ = convert_map.convert_state_dict(grads_t, target)  # every param must get a grad
-  flat_j = convert_map.flatten(dict(grads))
-  flat_t = convert_map.flatten(grads_t_tree["params"])
+  flat_j = traverse_util.flatten_dict(dict(grads))
+  flat_t = traverse_util.flatten_dict(grads_t_tree["params"])
   assert flat_j.keys() == flat_t.keys()
   # Conv biases right before a train-mode BN have an exactly-zero true gradient (BN removes the
   # batch mean), so both sides are rounding noise there: check them against the global scale.
@@ -125,6 +126,6 @@ def test_train_mode_loss_and_grads_t(torch_ref_t, tmp_path):
   stats_tree, _ = convert_map.convert_state_dict(
       {k: v for k, v in stats_t.items() if "running" in k or "num_batches" in k},
       {"batch_stats": variables["batch_stats"]})
-  for k, v in convert_map.flatten(stats_tree["batch_stats"]).items():
-    got = np.asarray(convert_map.flatten(dict(new_stats))[k])
+  for k, v in traverse_util.flatten_dict(stats_tree["batch_stats"]).items():
+    got = np.asarray(traverse_util.flatten_dict(dict(new_stats))[k])
     np.testing.assert_allclose(got, v, rtol=1e-4, atol=1e-5, err_msg="/".join(k))

@@ -11,11 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import mmseg_segmentor_modules
+from flax import traverse_util
+
+from conftest import TINY, mmseg_segmentor_modules
 from segnext_jax import convert_map, segnext
+from segnext_jax.config import PRESETS, TrainConfig, make_config
 from segnext_jax.model import abstract_variables
-from segnext_jax.train_lib import (TrainConfig, lr_schedule, param_group, param_name,
-                                   train_and_evaluate)
+from segnext_jax.train_lib import lr_schedule, param_group, param_name, train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +41,11 @@ def test_param_groups_match_mmengine_constructor():
   target = {"params": abstract_variables(segnext("t"))["params"]}
   ours = {}
   for torch_name in ref:
-    path, _ = convert_map.map_key(torch_name, convert_map.flatten(target))
+    path, _ = convert_map.map_key(torch_name, traverse_util.flatten_dict(target))
     group, decay = param_group(param_name(path[1:]))
     ours[torch_name] = (cfg.lr * (cfg.head_lr_mult if group == "head_lr" else 1.0),
                         cfg.weight_decay * decay)
-  assert len(ref) == len(convert_map.flatten(target))
+  assert len(ref) == len(traverse_util.flatten_dict(target))
   bad = {k: (ours[k], ref[k]) for k in ref if not np.allclose(ours[k], ref[k], rtol=1e-9, atol=0)}
   assert not bad, bad
   no_decay = sorted(k for k, v in ref.items() if v[1] == 0)
@@ -67,19 +69,19 @@ def test_schedule_matches_mmengine_linear_then_poly():
   assert float(ours(0)) == pytest.approx(cfg.lr * 1e-6) and float(ours(119)) == 0.0
 
 
-def _tiny_cfg(tmp_path, variant, **kw) -> TrainConfig:
-  base = dict(variant=variant, steps=6, batch_size=4, crop_size=64, resize_scale=(256, 64),
+def _tiny_cfg(tmp_path, **kw) -> TrainConfig:
+  base = dict(model_overrides=TINY, steps=6, batch_size=4, crop_size=64, resize_scale=(256, 64),
               warmup_steps=2, eval_every=1000, ckpt_every=3, log_every=1, workers=2,
               workdir=str(tmp_path / "run"))
-  return TrainConfig.for_data("synthetic", **{**base, **kw})
+  return make_config(PRESETS["synthetic"], {**base, **kw})
 
 
-def test_loss_decreases_on_a_fixed_batch(tiny_variant):
+def test_loss_decreases_on_a_fixed_batch():
   from segnext_jax.data.datasets import Synthetic
   from segnext_jax.data.transforms import normalize
   from segnext_jax.model import init_variables
   from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
-  cfg = TrainConfig.for_data("synthetic", variant=tiny_variant, steps=30, warmup_steps=1, lr=3e-3)
+  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, steps=30, warmup_steps=1, lr=3e-3))
   ds = Synthetic(size=64)
   batch = {"image": np.stack([normalize(ds[i][0]) for i in range(4)]),
            "label": np.stack([ds[i][1] for i in range(4)]).astype(np.int32)}
@@ -94,11 +96,11 @@ def test_loss_decreases_on_a_fixed_batch(tiny_variant):
   assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * losses[0], losses
 
 
-def test_resume_is_exact(tmp_path, tiny_variant):
-  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", tiny_variant, steps=12, ckpt_every=6),
+def test_resume_is_exact(tmp_path):
+  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", steps=12, ckpt_every=6),
                                 progress=False)
   losses = [l for _, l in straight["history"]["loss"]]
-  cfg_b = _tiny_cfg(tmp_path / "b", tiny_variant, steps=12, ckpt_every=6)
+  cfg_b = _tiny_cfg(tmp_path / "b", steps=12, ckpt_every=6)
   first = train_and_evaluate(cfg_b, stop_after=6, progress=False)  # "killed" after step 6
   assert int(first["state"].step) == 6
   resumed = train_and_evaluate(cfg_b, progress=False)
@@ -114,10 +116,11 @@ STEP_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
-from segnext_jax.model import VARIANTS, init_variables
-VARIANTS["test"] = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32, drop_path=0.1)
+from conftest import TINY
+from segnext_jax.config import PRESETS, make_config
+from segnext_jax.model import init_variables
 from segnext_jax.train_lib import *
-cfg = TrainConfig.for_data("synthetic", variant="test", batch_size=8, warmup_steps=0)
+cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=8, warmup_steps=0))
 model = build_model(cfg, 6)
 mesh = make_mesh()
 state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
@@ -157,17 +160,20 @@ def test_eight_host_devices_match_one(tmp_path):
 
 def test_pretrained_backbone_loads_loudly(tmp_path, t_variables):
   import torch
-  from segnext_jax.train_lib import load_pretrained
+  from segnext_jax.pretrained import load_pretrained
   from segnext_jax.testing import randomize_
   backbone, _ = mmseg_segmentor_modules("t")
   randomize_(backbone, 3)
   sd = dict(backbone.state_dict(), **{"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
   path = tmp_path / "mscan_t.pth"
   torch.save({"state_dict": sd}, path)
-  merged, skipped = load_pretrained(str(path), t_variables, "t")
+  merged, report = load_pretrained(str(path), t_variables, "t")
+  skipped = report.not_in_source
   assert skipped and all(p.split("/")[1] == "decode_head" for p in skipped)
-  n_head = len(convert_map.flatten({"params": t_variables["params"]["decode_head"]}))
-  assert len(skipped) == n_head
+  n_head = len(traverse_util.flatten_dict({"params": t_variables["params"]["decode_head"]}))
+  assert len(skipped) == n_head + 1  # + the fixed NMF bases
+  assert not report.reinitialised and not report.unused
+  assert len(report.loaded) == len(traverse_util.flatten_dict(t_variables)) - n_head - 1
   got = merged["params"]["backbone"]["block2_1"]["attn"]["proj_1"]["kernel"]
   np.testing.assert_array_equal(got, sd["backbone.block2.1.attn.proj_1.weight".removeprefix("backbone.")]
                                 .numpy().transpose(2, 3, 1, 0))

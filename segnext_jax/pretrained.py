@@ -1,0 +1,73 @@
+"""Pretrained weights for training: the same conversion as the converter, then one explicit merge.
+
+`load_pretrained(path, variables, variant)` accepts an ImageNet MSCAN .pth (mmseg or official), a
+segmentor .pth or a converted / train.py checkpoint directory, and overlays it on freshly
+initialised `variables`. What was not loaded is named, never silent.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+# Paths that may differ in shape between source and model (a new class count): re-initialised.
+REINIT_ON_SHAPE_CHANGE = (("params", "decode_head", "conv_seg"),)
+
+
+@dataclasses.dataclass
+class MergeReport:
+  loaded: list[str]
+  reinitialised: list[str]   # present in the source with another shape (the classifier)
+  not_in_source: list[str]   # kept at their initial value (e.g. the head of a backbone-only file)
+  unused: list[str]          # in the source but not in the model
+
+  def summary(self, n: int = 4) -> str:
+    short = lambda xs: (", ".join(sorted({"/".join(x.split("/")[:4]) for x in xs})[:n])
+                        + (" ..." if len(xs) > n else "")) if xs else "none"
+    return (f"loaded {len(self.loaded)} tensors; re-initialised {len(self.reinitialised)} "
+            f"({short(self.reinitialised)}); not in the source {len(self.not_in_source)} "
+            f"({short(self.not_in_source)}); unused {len(self.unused)} ({short(self.unused)})")
+
+
+def merge(init: dict, source: dict) -> tuple[dict, MergeReport]:
+  """`init` with every leaf of `source` of equal path and shape; shape changes are an error
+  except under REINIT_ON_SHAPE_CHANGE (big_vision's merge_params, with a report)."""
+  flat_init = traverse_util.flatten_dict(init)
+  flat_src = traverse_util.flatten_dict(source)
+  out, report = dict(flat_init), MergeReport([], [], [], [])
+  for path, value in flat_init.items():
+    name = "/".join(path)
+    if path not in flat_src:
+      report.not_in_source.append(name)
+    elif tuple(flat_src[path].shape) == tuple(value.shape):
+      out[path] = jnp.asarray(flat_src[path], value.dtype)
+      report.loaded.append(name)
+    elif any(path[:len(p)] == p for p in REINIT_ON_SHAPE_CHANGE):
+      report.reinitialised.append(f"{name} {tuple(flat_src[path].shape)}->{tuple(value.shape)}")
+    else:
+      raise ValueError(f"pretrained {name} has shape {tuple(flat_src[path].shape)}, the model "
+                       f"{tuple(value.shape)}")
+  report.unused = ["/".join(p) for p in flat_src if p not in flat_init]
+  return traverse_util.unflatten_dict(out), report
+
+
+def read_source(path: str) -> tuple[dict, str]:
+  """(variables, variant) of a .pth (converted on the fly) or a checkpoint directory."""
+  if Path(path).is_dir():
+    from segnext_jax import checkpoint
+    _, variables, meta = checkpoint.load(path, backbone_only_ok=True)
+    return variables, meta["variant"]
+  from segnext_jax import torch_io
+  variables, meta, _ = torch_io.convert_file(path)
+  return variables, meta["variant"]
+
+
+def load_pretrained(path: str, variables: dict, variant: str) -> tuple[dict, MergeReport]:
+  """Overlay pretrained weights on `variables`; the source must be the same variant."""
+  source, src_variant = read_source(path)
+  if src_variant != variant:
+    raise ValueError(f"--pretrained {path} is variant {src_variant!r}, the model is {variant!r}")
+  return merge(jax.tree.map(jnp.asarray, variables), source)
