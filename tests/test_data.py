@@ -1,70 +1,84 @@
-"""Data: the ADE20K folder reader on a generated tree, the train pipeline, the loader."""
+"""Data: specs and recipe defaults, image reading, the train pipeline (also on real JPEGs), the loader."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from segnext_jax.data.datasets import ADE20KFolder, Synthetic, make_dataset, read_image
+from segnext_jax.data.datasets import (DATASET_DEFAULTS, DataError, Synthetic, dataset_kind,
+                                       make_dataset, read_image)
 from segnext_jax.data.loader import TrainLoader, batch_indices
-from segnext_jax.data.transforms import (TrainPipeline, random_crop, reduce_zero_label,
-                                         rescale_size)
+from segnext_jax.data.transforms import TrainPipeline, random_crop, reduce_zero_label, rescale_size
+
+ADE = Path(__file__).parent / "data" / "ade20k_val3"
 
 
-def make_ade_tree(root, n: int = 3, split: str = "training", seed: int = 0):
-  """A tiny ADEChallengeData2016 layout: images/{split}/*.jpg, annotations/{split}/*.png."""
-  rng = np.random.default_rng(seed)
-  (root / "images" / split).mkdir(parents=True, exist_ok=True)
-  (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-  labels = []
-  for i in range(n):
-    h, w = 40 + 7 * i, 56 + 5 * i
-    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    lbl = rng.integers(0, 151, (h, w)).astype(np.uint8)
-    cv2.imwrite(str(root / "images" / split / f"ADE_{split}_{i:08d}.jpg"), img)
-    cv2.imwrite(str(root / "annotations" / split / f"ADE_{split}_{i:08d}.png"), lbl)
-    labels.append(lbl)
-  return labels
+def test_scene_parse150_is_refused_with_the_reason():
+  for spec in ("tfds:scene_parse150", "tfds:scene_parse150:/data"):
+    with pytest.raises(ValueError) as e:
+      make_dataset(spec, "val")
+    msg = str(e.value)
+    assert "\n" not in msg and "annotations_instance" in msg and "100-category" in msg
+    assert "ade20k:" in msg and "tfds:ade20k_semantic" in msg
+  with pytest.raises(ValueError, match="annotations_instance"):
+    dataset_kind("tfds:scene_parse150")
 
 
-def test_ade_folder_reads_and_reduces_zero_label(tmp_path):
-  labels = make_ade_tree(tmp_path)
-  ds = make_dataset(f"ade20k:{tmp_path}", "train")
-  assert isinstance(ds, ADE20KFolder) and len(ds) == 3 and ds.num_classes == 150
-  img, lbl = ds[1]
-  assert img.shape == (47, 61, 3) and img.dtype == np.uint8 and lbl.shape == (47, 61)
-  raw = labels[1]
-  assert np.all(lbl[raw == 0] == 255) and np.array_equal(lbl[raw > 0], raw[raw > 0] - 1)
-  assert ds.class_names[0] == "wall"
+def test_specs_and_kinds():
+  kinds = {"synthetic": "synthetic", "folder:/d": "folder", "ade20k:/d": "ade20k",
+           "cityscapes:/d": "cityscapes", "coco_stuff:/d": "coco_stuff",
+           "tfds:ade20k_semantic": "ade20k", "tfds:ade20k_semantic:/tfds": "ade20k"}
+  for spec, kind in kinds.items():
+    assert dataset_kind(spec) == kind and kind in DATASET_DEFAULTS
+  for bad, msg in [("coco:/x", "unknown dataset"), ("ade20k", "needs a path"),
+                   ("tfds:voc", "unsupported tfds"), ("synthetic:3", "unknown dataset")]:
+    with pytest.raises(ValueError, match=msg):
+      dataset_kind(bad)
+  with pytest.raises(ValueError, match="split must be"):
+    make_dataset("synthetic", "test")
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    make_dataset("cityscapes:/nonexistent/x", "val")
 
 
-def test_ade_folder_errors_are_clear(tmp_path):
-  with pytest.raises(FileNotFoundError, match="images/validation: missing"):
-    make_dataset(f"ade20k:{tmp_path}", "val")
-  make_ade_tree(tmp_path, n=1)
-  next((tmp_path / "annotations" / "training").glob("*.png")).unlink()
-  with pytest.raises(FileNotFoundError, match="1 annotations missing"):
-    ADE20KFolder(tmp_path)
-  with pytest.raises(ValueError, match="unknown dataset"):
-    make_dataset("coco:/x", "train")
+def test_dataset_defaults_table():
+  keys = set(DATASET_DEFAULTS["ade20k"])
+  assert all(set(row) == keys for row in DATASET_DEFAULTS.values())
+  city, ade, coco = (DATASET_DEFAULTS[k] for k in ("cityscapes", "ade20k", "coco_stuff"))
+  assert (city["crop_size"], city["resize_scale"], city["eval_mode"]) == (1024, (2048, 1024), "slide")
+  assert (city["eval_crop"], city["eval_stride"]) == ((1024, 1024), (768, 768))
+  assert (ade["crop_size"], ade["resize_scale"], ade["eval_mode"]) == (512, (2048, 512), "whole")
+  assert (coco["crop_size"], coco["resize_scale"], coco["steps"]) == (512, (2048, 512), 80_000)
 
 
-def test_tfds_not_prepared_is_a_clear_error(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(FileNotFoundError, match="scene_parse150 .* is not prepared"):
-    make_dataset(f"tfds:scene_parse150:{tmp_path}", "val")
+def test_synthetic_has_a_palette():
+  ds = make_dataset("synthetic", "val")
+  assert ds.palette.shape == (ds.num_classes, 3) and ds.palette.dtype == np.uint8
+  assert len(ds.class_names) == ds.num_classes == 6
 
 
-def test_read_image_converts_gray_and_rgba(tmp_path):
+def test_read_image_converts_gray_alpha_and_exif(tmp_path):
+  from PIL import Image
   cv2.imwrite(str(tmp_path / "g.png"), np.full((5, 6), 77, np.uint8))
   rgba = np.zeros((5, 6, 4), np.uint8)
   rgba[..., 2] = 200  # red in BGRA
   cv2.imwrite(str(tmp_path / "a.png"), rgba)
   assert read_image(tmp_path / "g.png").shape == (5, 6, 3)
   assert tuple(read_image(tmp_path / "a.png")[0, 0]) == (200, 0, 0)
+  im = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+  exif = im.getexif()
+  exif[0x0112] = 6  # rotated 90 degrees: mmseg (cv2 IMREAD_COLOR) applies it
+  im.save(tmp_path / "r.jpg", exif=exif.tobytes())
+  assert read_image(tmp_path / "r.jpg").shape == (40, 20, 3)
   (tmp_path / "bad.jpg").write_text("not an image")
-  with pytest.raises(ValueError, match="bad.jpg: not a readable image"):
+  with pytest.raises(DataError, match="bad.jpg: not a readable image"):
     read_image(tmp_path / "bad.jpg")
+
+
+def test_reduce_zero_label_is_mmsegs():
+  raw = np.array([0, 1, 2, 150, 254, 255], np.uint8)
+  assert reduce_zero_label(raw).tolist() == [255, 0, 1, 149, 253, 255]
 
 
 def test_rescale_size_fits_scale():
@@ -93,6 +107,18 @@ def test_train_pipeline_deterministic_and_padded():
   assert a[0].shape == (128, 128, 3) and a[0].dtype == np.float32
   assert a[1][-1, -1] == 255 and a[0][-1, -1].tolist() == [0, 0, 0]  # padded
   assert set(np.unique(a[1])) <= set(range(6)) | {255}
+
+
+def test_train_pipeline_on_real_ade20k_jpegs():
+  ds = make_dataset(f"ade20k:{ADE}", "val")
+  pipe = TrainPipeline(crop=(512, 512), scale=(2048, 512))
+  for i in range(len(ds)):
+    img, lbl = ds[i]
+    for seed in range(3):
+      out_img, out_lbl = pipe(img, lbl, np.random.default_rng([seed, i]))
+      assert out_img.shape == (512, 512, 3) and out_lbl.shape == (512, 512)
+      assert set(np.unique(out_lbl)) <= set(np.unique(lbl)) | {255}  # nearest: no new class
+      assert np.isfinite(out_img).all() and np.abs(out_img).max() < 3
 
 
 def test_loader_is_a_function_of_seed_and_step():

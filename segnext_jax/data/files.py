@@ -116,14 +116,9 @@ def check_label(hist: np.ndarray, lut: np.ndarray, num_classes: int, name: str) 
                     "(ignore)")
 
 
-def mapped_hist(hist: np.ndarray, lut: np.ndarray) -> np.ndarray:
-  """Per-class pixel counts (256,) from stored-value counts."""
-  return np.bincount(lut, weights=hist, minlength=256)
-
-
-def warn_if_binary_255(counts: np.ndarray, num_classes: int, name: str) -> bool:
-  """Warn when a 2-class mask holds only 0 and 255: 255 is the ignore label, not class 1."""
-  if num_classes != 2 or counts[1] or not counts[IGNORE]:
+def warn_if_binary_255(hist: np.ndarray, num_classes: int, name: str) -> bool:
+  """Warn when 2-class masks store only 0 and 255 (hist: stored-value counts): 255 is ignore."""
+  if num_classes != 2 or not hist[IGNORE] or np.count_nonzero(hist) != 1 + bool(hist[0]):
     return False
   warnings.warn(f"{name}: 2-class masks with values 0 and 255 only: 255 is the ignore label, so "
                 "the foreground is never learned; store class 1 as 1", DataWarning, stacklevel=3)

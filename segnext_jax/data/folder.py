@@ -134,8 +134,7 @@ class FolderDataset:
     img, label, hist = files.load_pair(self.images[i], self.masks[i], self.lut, self.num_classes,
                                        str(self.images[i]), str(self.masks[i]))
     if self.num_classes == 2 and not self._warned:
-      self._warned = files.warn_if_binary_255(files.mapped_hist(hist, self.lut), 2,
-                                              str(self.masks[i]))
+      self._warned = files.warn_if_binary_255(hist, 2, str(self.masks[i]))
     return img, label
 
   def validate(self, workers: int | None = None, decode_images: bool = False) -> None:
@@ -153,8 +152,7 @@ class FolderDataset:
         total += hist
     finally:
       pool.shutdown(wait=True, cancel_futures=True)
-    files.warn_if_binary_255(files.mapped_hist(total, self.lut), self.num_classes,
-                             str(self.ann_dir))
+    files.warn_if_binary_255(total, self.num_classes, str(self.ann_dir))
 
 
 def read_split_file(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from segnext_jax.data import files
 from segnext_jax.data.ade20k_classes import ADE20K
@@ -42,6 +43,13 @@ class Ade20kSemantic(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, file_format: str = "array_record", **kwargs):
     super().__init__(file_format=file_format, **kwargs)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    """This file; tfds 4.9.10 looks it up with `importlib_resources`, a dependency it declares
+    only for Python < 3.9 (tensorflow/datasets#11212)."""
+    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -89,6 +97,9 @@ def zip_pairs(zf: zipfile.ZipFile, folder: str) -> list[tuple[str, str, str]]:
 
 def prepare(manual_dir: str | Path, data_dir: str | Path | None = None) -> Path:
   """Build the array_record files once from manual_dir/ADEChallengeData2016.zip."""
+  zip_path = Path(manual_dir) / ZIP_NAME
+  if not zip_path.is_file():
+    raise MissingDataError(f"{zip_path}: missing. {Ade20kSemantic.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   builder = Ade20kSemantic(data_dir=data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
@@ -103,15 +114,14 @@ class TFDSADE20K:
   lut = files.label_lut(reduce_zero_label=True)
 
   def __init__(self, split: str, data_dir: str | None = None):
-    raw = {"image": tfds.decode.SkipDecoding(), "annotation": tfds.decode.SkipDecoding()}
-    try:
-      self.source = tfds.data_source(NAME, split=split, data_dir=data_dir, download=False,
-                                     decoders=raw)
-    except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as e:
+    builder = Ade20kSemantic(data_dir=data_dir)
+    if not builder.is_prepared():
       raise MissingDataError(
-          f"{data_dir or '~/tensorflow_datasets'}: tfds {NAME} is not prepared there ("
-          f"{str(e).splitlines()[0][:120]}); prepare it once with: python -m "
-          f"segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP --data_dir DATA_DIR") from None
+          f"{builder.data_dir}: tfds {NAME} is not prepared there; prepare it once with: python -m "
+          "segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP --data_dir DATA_DIR")
+    raw = {"image": tfds.decode.SkipDecoding(), "annotation": tfds.decode.SkipDecoding()}
+    self.source = tfds.data_source(NAME, split=split, data_dir=data_dir, download=False,
+                                   decoders=raw)
 
   def __len__(self) -> int:
     return len(self.source)
