@@ -83,7 +83,7 @@ def test_folder_options_suffixes_reduce_zero_label_and_split_file(tmp_path):
   bad(tmp_path, match="img_dir/val/nope.png: listed in", error=MissingDataError)
 
 
-def test_palette_png_masks_give_indices_not_colours(tmp_path):
+def test_palette_and_grey_rgb_masks_give_indices(tmp_path):
   make_tree(tmp_path, n=1)
   mask = tmp_path / "ann_dir" / "val" / "sub" / "img0.png"
   lbl = np.asarray(Image.open(mask))
@@ -92,6 +92,9 @@ def test_palette_png_masks_give_indices_not_colours(tmp_path):
   p.save(mask)
   ds = make_dataset(f"folder:{tmp_path}", "val")
   assert np.array_equal(ds[0][1], lbl)
+  Image.fromarray(np.stack([lbl] * 3, -1)).save(mask)  # grey stored as RGB: one channel used
+  assert np.array_equal(ds[0][1], lbl)
+  check(ds)
 
 
 def test_unreadable_image(tmp_path):

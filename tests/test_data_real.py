@@ -82,7 +82,8 @@ def make_coco_tree(root: Path, raw_maps: bool = True, train_ids: bool = True) ->
       train = rng.integers(0, 172, (24, 32)).astype(np.uint8)
       train[train == 171] = 255
       raw = np.where(train == 255, 255, raw_ids[np.minimum(train, 170)]).astype(np.uint8)
-      cv2.imwrite(str(root / "images" / split / f"{name}.jpg"), rng.integers(0, 255, (24, 32, 3), np.uint8))
+      img = rng.integers(0, 255, (24, 32, 3), np.uint8)
+      cv2.imwrite(str(root / "images" / split / f"{name}.jpg"), img)
       if train_ids:
         Image.fromarray(train).save(root / "annotations" / split / f"{name}_labelTrainIds.png")
       if raw_maps:

@@ -1,5 +1,5 @@
 """The `ade20k_semantic` TFDS builder end to end: a small ADEChallengeData2016.zip in the real
-layout (the 3 real validation pairs + 2 generated training pairs) -> array_record -> make_dataset."""
+layout (3 real validation pairs, 2 generated training pairs) -> array_record -> make_dataset."""
 from __future__ import annotations
 
 import zipfile
@@ -18,6 +18,10 @@ ADE = Path(__file__).parent / "data" / "ade20k_val3"
 TOP = "ADEChallengeData2016"
 
 
+def encode(ext: str, arr: np.ndarray) -> bytes:
+  return cv2.imencode(ext, arr)[1].tobytes()
+
+
 def write_zip(manual: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
   """ADEChallengeData2016.zip: images/{training,validation}/*.jpg, annotations/.../*.png."""
   members = {}
@@ -28,8 +32,8 @@ def write_zip(manual: Path, extra: dict[str, bytes] | None = None) -> dict[str, 
   for i in (1, 2):
     img = rng.integers(0, 255, (24 + i, 32, 3), np.uint8)
     ann = rng.integers(0, 151, (24 + i, 32)).astype(np.uint8)
-    members[f"{TOP}/images/training/ADE_train_{i:08d}.jpg"] = cv2.imencode(".jpg", img)[1].tobytes()
-    members[f"{TOP}/annotations/training/ADE_train_{i:08d}.png"] = cv2.imencode(".png", ann)[1].tobytes()
+    members[f"{TOP}/images/training/ADE_train_{i:08d}.jpg"] = encode(".jpg", img)
+    members[f"{TOP}/annotations/training/ADE_train_{i:08d}.png"] = encode(".png", ann)
   members.update(extra or {})
   manual.mkdir(parents=True, exist_ok=True)
   with zipfile.ZipFile(manual / tfds_ade20k.ZIP_NAME, "w") as zf:
@@ -41,8 +45,8 @@ def write_zip(manual: Path, extra: dict[str, bytes] | None = None) -> dict[str, 
 def test_prepare_then_read_through_make_dataset(tmp_path):
   members = write_zip(tmp_path / "manual")
   out = tfds_ade20k.prepare(tmp_path / "manual", tmp_path / "tfds")
-  assert sorted(p.name.split("-")[1] for p in out.glob("*.array_record*")) == ["train.array_record",
-                                                                               "validation.array_record"]
+  shards = sorted(p.name.split("-")[1] for p in out.glob("*.array_record*"))
+  assert shards == ["train.array_record", "validation.array_record"]
   val = make_dataset(f"tfds:ade20k_semantic:{tmp_path / 'tfds'}", "val")
   assert len(val) == 3 and val.num_classes == 150 and val.palette.shape == (150, 3)
   for i in range(len(val)):
@@ -61,7 +65,8 @@ def test_prepare_then_read_through_make_dataset(tmp_path):
 
 
 def test_not_prepared_says_how(tmp_path):
-  with pytest.raises(MissingDataError, match="not prepared there.*python -m segnext_jax.data.tfds_ade20k"):
+  how = "not prepared there.*python -m segnext_jax.data.tfds_ade20k"
+  with pytest.raises(MissingDataError, match=how):
     make_dataset(f"tfds:ade20k_semantic:{tmp_path}", "val")
 
 
@@ -74,6 +79,6 @@ def test_prepare_refuses_bad_pairs(tmp_path):
   with pytest.raises(DataError, match=f"{lone}: has no matching image"):
     tfds_ade20k.prepare(tmp_path / "m1", tmp_path / "d1")
   ann = f"{TOP}/annotations/validation/ADE_val_00000002.png"
-  write_zip(tmp_path / "m2", {ann: cv2.imencode(".png", np.full((364, 500), 151, np.uint8))[1].tobytes()})
+  write_zip(tmp_path / "m2", {ann: encode(".png", np.full((364, 500), 151, np.uint8))})
   with pytest.raises(DataError, match=f"{ann}: label value 151 >= num_classes 151"):
     tfds_ade20k.prepare(tmp_path / "m2", tmp_path / "d2")

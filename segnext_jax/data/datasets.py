@@ -24,7 +24,8 @@ SCENE_PARSE150_REFUSAL = (
     "the 2017 Places Challenge annotations_instance.tar, whose R channel is the instance task's "
     "100-category id, not the 150-class semantic label, and whose splits are train/test (no "
     "validation); use ade20k:/path/ADEChallengeData2016, or prepare our builder once (python -m "
-    "segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP) and use tfds:ade20k_semantic[:DATA_DIR]")
+    "segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP) and use "
+    "tfds:ade20k_semantic[:DATA_DIR]")
 
 # Recipe defaults per dataset kind (keys: TrainConfig's crop_size/resize_scale/steps; the rest
 # for the train pipeline and EvalConfig). Sizes: crop (square side), scales (long, short);

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from segnext_jax.data import transforms
 from segnext_jax.data.transforms import IGNORE
 
-Source = Union[str, Path, bytes]
+Source = str | Path | bytes
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
 
@@ -83,7 +82,7 @@ def read_mask(src: Source, name: str | None = None) -> np.ndarray:
     if not (arr[..., :3] == arr[..., :1]).all():
       raise DataError(f"{name}: mask has {arr.shape[2]} different channels; expected one channel "
                       "of class indices (a grayscale or palette PNG)")
-    arr = arr[..., 0]
+    arr = np.ascontiguousarray(arr[..., 0])
   if arr.dtype.kind not in "biu":
     raise DataError(f"{name}: mask of {arr.dtype} values; expected integer class indices")
   if arr.dtype != np.uint8:
@@ -129,24 +128,22 @@ def load_pair(image: Source, mask: Source, lut: np.ndarray, num_classes: int,
               image_name: str, mask_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(RGB image, class-index label, stored-value histogram), checked; DataError names the file."""
   img, raw = read_image(image, image_name), read_mask(mask, mask_name)
-  check_size(img.shape[:2], raw.shape, image_name, mask_name)
-  hist = np.bincount(raw.ravel(), minlength=256)
-  check_label(hist, lut, num_classes, mask_name)
+  hist = _checked_hist(img.shape[:2], raw, lut, num_classes, image_name, mask_name)
   return img, lut[raw], hist
-
-
-def check_size(image_hw, mask_hw, image_name: str, mask_name: str) -> None:
-  if tuple(image_hw) != tuple(mask_hw):
-    raise DataError(f"{mask_name}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image is "
-                    f"{image_hw[1]}x{image_hw[0]} ({image_name})")
 
 
 def scan_pair(image: Source, mask: Source, lut: np.ndarray, num_classes: int,
               image_name: str, mask_name: str) -> np.ndarray:
-  """The cheap full check: image header only, mask decoded; returns the stored-value histogram."""
-  hw = image_size(image, image_name)
-  raw = read_mask(mask, mask_name)
-  check_size(hw, raw.shape, image_name, mask_name)
-  hist = np.bincount(raw.ravel(), minlength=256)
+  """load_pair's checks with the image header only; returns the stored-value histogram."""
+  return _checked_hist(image_size(image, image_name), read_mask(mask, mask_name), lut,
+                       num_classes, image_name, mask_name)
+
+
+def _checked_hist(image_hw: tuple[int, int], raw: np.ndarray, lut: np.ndarray, num_classes: int,
+                  image_name: str, mask_name: str) -> np.ndarray:
+  if tuple(image_hw) != raw.shape:
+    raise DataError(f"{mask_name}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
+                    f"{image_hw[1]}x{image_hw[0]} ({image_name})")
+  hist = cv2.calcHist([raw], [0], None, [256], [0, 256]).ravel().astype(np.int64)  # 2x bincount
   check_label(hist, lut, num_classes, mask_name)
   return hist

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,12 @@ class FolderDataset:
     """The mask suffix and raw ids in use; every image has a mask (and, if exclusive, back)."""
     suffix, raw_ids = self.layout.seg_map_suffix, ()
     masks = set(list_names(self.ann_dir, suffix))
-    if not masks and self.layout.raw_seg_map_suffix:
-      suffix, raw_ids = self.layout.raw_seg_map_suffix, tuple(r[2] for r in self.layout.classes)
-      masks = set(list_names(self.ann_dir, suffix))
-      logging.info("%s: no *%s masks; mapping raw ids of *%s", self.ann_dir,
+    raw_masks = set(list_names(self.ann_dir, self.layout.raw_seg_map_suffix)) if (
+        not masks and self.layout.raw_seg_map_suffix) else set()
+    if raw_masks:
+      suffix, raw_ids, masks = (self.layout.raw_seg_map_suffix,
+                                tuple(row[2] for row in self.layout.classes), raw_masks)
+      logging.info("%s: no *%s masks; mapping the raw ids of *%s", self.ann_dir,
                    self.layout.seg_map_suffix, suffix)
     missing = [n for n in self.names if n not in masks]
     if missing:
@@ -145,13 +148,15 @@ class FolderDataset:
       out = check(self.images[i], self.masks[i], self.lut, self.num_classes,
                   str(self.images[i]), str(self.masks[i]))
       return out[2] if decode_images else out
-    total = np.zeros(256)
+    total, start = np.zeros(256), time.perf_counter()
     pool = cf.ThreadPoolExecutor(workers or min(32, 2 * (os.cpu_count() or 1)))
     try:
       for hist in pool.map(one, range(len(self))):
         total += hist
     finally:
       pool.shutdown(wait=True, cancel_futures=True)
+    logging.info("%s: %d image/mask pairs checked in %.1fs", self.img_dir, len(self),
+                 time.perf_counter() - start)
     files.warn_if_binary_255(total, self.num_classes, str(self.ann_dir))
 
 
@@ -184,7 +189,8 @@ def folder_layout(root: Path) -> tuple[Layout, dict[str, Path]]:
   if unknown:
     raise DataError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(FOLDER_KEYS)}")
   classes = _checked_classes(cfg.get("classes"), path)
-  palette = _checked_palette(cfg.get("palette") or default_palette(len(classes)), len(classes), path)
+  palette = cfg.get("palette") or default_palette(len(classes))
+  palette = _checked_palette(palette, len(classes), path)
   splits = cfg.get("split", {})
   if not isinstance(splits, dict) or not set(splits) <= set(SPLITS):
     raise DataError(f'{path}: "split" must map train/val to split files, got {splits!r}')

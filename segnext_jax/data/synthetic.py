@@ -1,4 +1,4 @@
-"""A learnable synthetic segmentation set: procedural shapes with class-specific colour and texture."""
+"""A learnable synthetic segmentation set: procedural shapes, each class its colour and texture."""
 from __future__ import annotations
 
 import dataclasses

@@ -143,7 +143,8 @@ class TFDSADE20K:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--manual_dir", required=True, help=f"folder holding {ZIP_NAME}")
-  parser.add_argument("--data_dir", default=None, help="tfds data dir (default ~/tensorflow_datasets)")
+  parser.add_argument("--data_dir", default=None,
+                      help="tfds data dir (default ~/tensorflow_datasets)")
   args = parser.parse_args(argv)
   print(f"prepared {prepare(args.manual_dir, args.data_dir)}")
 

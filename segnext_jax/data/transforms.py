@@ -15,7 +15,7 @@ IGNORE = 255
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  """mmseg's: 0 (other) -> 255 (ignore), v -> v - 1, and 255 stays 255 (ADE20K: 1..150 -> 0..149)."""
+  """mmseg's: 0 (other) -> 255 (ignore), v -> v - 1, 255 stays 255 (ADE20K: 1..150 -> 0..149)."""
   out = label.astype(np.int16) - 1
   out[(out < 0) | (out == IGNORE - 1)] = IGNORE
   return out.astype(np.uint8)
