@@ -12,6 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from segnext_jax.data.datasets import DATASET_DEFAULTS, dataset_kind
+
 Precision = Literal["fp32", "bf16"]
 NMFGrad = Literal["unroll", "one_step"]
 
@@ -27,7 +29,7 @@ class TrainConfig:
   model_overrides: dict = dataclasses.field(default_factory=dict, metadata={
       "help": 'extra segnext() kwargs as JSON, e.g. \'{"depths": [1, 1, 1, 1]}\''})
   data: str = _f("synthetic", "synthetic | ade20k:PATH | cityscapes:PATH | coco_stuff:PATH | "
-                 "folder:PATH | tfds:NAME[:DATA_DIR]")
+                 "folder:PATH | tfds:ade20k_semantic[:DATA_DIR]")
   workdir: str = _f("runs/segnext", "checkpoints, config.json, metrics.jsonl, TensorBoard events")
   pretrained: str = _f("", "ImageNet MSCAN .pth (mmseg/official), segmentor .pth or converted dir")
   steps: int = _f(160_000, "total iterations")
@@ -63,24 +65,20 @@ class TrainConfig:
 RUNTIME_FIELDS = ("steps", "workdir", "eval_every", "eval_images", "ckpt_every", "keep_ckpts",
                   "log_every", "workers")
 
-# Named presets: overlays on the defaults above. 'ade20k' is the paper recipe itself.
+# Named presets: overlays on the defaults above, one per dataset kind, from the dataset table
+# (segnext_jax/data/datasets.py DATASET_DEFAULTS, which cites each source config). 'ade20k' is
+# the paper recipe itself; 'synthetic' adds a few-minute CPU run.
+_FROM_DATASET = ("crop_size", "resize_scale", "eval_mode", "eval_crop", "eval_stride", "steps")
 PRESETS: dict[str, dict[str, Any]] = {
-    "ade20k": {},
-    "synthetic": dict(data="synthetic", steps=300, batch_size=8, crop_size=128,
-                      resize_scale=(512, 128), lr=1e-3, head_lr_mult=1.0, warmup_steps=30,
-                      eval_every=100, ckpt_every=100, log_every=10, workdir="runs/synthetic"),
-    # official SegNeXt Cityscapes configs: 1024x1024 crops of (2048, 1024), batch 8, slide eval.
-    "cityscapes": dict(crop_size=1024, resize_scale=(2048, 1024), batch_size=8,
-                       eval_mode="slide", eval_crop=(1024, 1024), eval_stride=(768, 768)),
-    "coco_stuff": dict(crop_size=512, resize_scale=(2048, 512)),
-    "folder": dict(steps=20_000, warmup_steps=500, eval_every=2000, ckpt_every=2000),
-}
+    kind: {k: row[k] for k in _FROM_DATASET} for kind, row in DATASET_DEFAULTS.items()}
+PRESETS["synthetic"].update(data="synthetic", batch_size=8, lr=1e-3, head_lr_mult=1.0,
+                            warmup_steps=30, eval_every=100, ckpt_every=100, log_every=10,
+                            workdir="runs/synthetic")
 
 
 def preset_for_data(data: str) -> str:
-  """The preset a --data spec implies when --config is not given."""
-  kind = data.partition(":")[0]
-  return kind if kind in PRESETS else "ade20k"
+  """The preset a --data spec implies when --config is not given (ValueError if unknown)."""
+  return dataset_kind(data)
 
 
 def load_preset(name_or_file: str) -> dict[str, Any]:

@@ -234,11 +234,10 @@ def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
 
 def prepare_data(cfg: TrainConfig):
   """(train, val) datasets, checked before anything is written: bad data fails here."""
-  from segnext_jax.data.datasets import make_dataset
+  from segnext_jax.data.datasets import check, make_dataset
   train_ds, val_ds = make_dataset(cfg.data, "train"), make_dataset(cfg.data, "val")
   for ds in (train_ds, val_ds):
-    if hasattr(ds, "validate"):
-      ds.validate()
+    check(ds)
   if train_ds.num_classes != val_ds.num_classes:
     raise ValueError(f"{cfg.data}: train has {train_ds.num_classes} classes, val {val_ds.num_classes}")
   return train_ds, val_ds
@@ -271,7 +270,7 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
   state = jax.device_put(create_train_state(cfg, model, variables), repl)
   meta = dict(variant=cfg.variant, model=model_kwargs(cfg, train_ds.num_classes),
               class_names=list(train_ds.class_names),
-              palette=[list(map(int, c)) for c in getattr(train_ds, "palette", [])] or None,
+              palette=np.asarray(train_ds.palette).astype(int).tolist(),
               config=json.loads(to_json(cfg)), nmf_bases=f"fixed, drawn at init from seed {cfg.seed}")
   mngr = checkpoint.manager(workdir, cfg.keep_ckpts, create=True)
   if mngr.latest_step() is not None:

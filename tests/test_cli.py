@@ -67,3 +67,48 @@ def test_train_eval_predict_roundtrip(capsys, workdir, tmp_path):
     overlay = cv2.imread(str(tmp_path / "pred" / f"{stem}_overlay.png"))
     assert classes.shape == hw and classes.max() < 6 and mask.shape == (*hw, 3)
     assert overlay.shape[1] > hw[1]  # image + legend panel
+
+
+def read_event_scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """Scalars of the TensorBoard event files under workdir (TFRecord framing + Event protos)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out: dict = {}
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_metrics_on_disk_config_replay_and_recipe_guard(workdir, capsys):
+  from segnext_jax import metric_writer
+  records = metric_writer.read(workdir)
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  assert [r["step"] for r in train] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in train)
+  assert {"lr", "grad_norm", "images_per_s"} <= set(train[0])
+  assert len(val) == 1 and val[0]["step"] == 3 and 0 <= val[0]["mIoU"] <= 100
+  assert set(val[0]["IoU"]) == set(Synthetic.class_names)
+  scalars = read_event_scalars(workdir)
+  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3]
+  assert scalars["train/loss"][0][1] == pytest.approx(train[0]["loss"], rel=1e-6)
+  assert scalars["val/mIoU"][0][1] == pytest.approx(val[0]["mIoU"], rel=1e-6)
+
+  train_cli = load_script("train")
+  saved = workdir / "config.json"
+  # A different recipe value in an existing workdir: refused, naming the field, nothing run.
+  assert train_cli.main(["--config", str(saved), "--lr", "0.5"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "lr: 0.001 -> 0.5" in err[0], err
+  # The saved config replays the run; a larger step budget resumes it (both flag spellings).
+  assert train_cli.main(["--config", str(saved), "--steps", "4", "--eval-every", "100",
+                         "--log_every", "1"]) == 0
+  assert [r["step"] for r in metric_writer.read(workdir) if r["split"] == "train"] == [1, 2, 3, 4]
+  replay = json.loads(saved.read_text())
+  assert replay["steps"] == 4 and replay["model_overrides"] == {k: list(v) for k, v in TINY.items()}

@@ -1,10 +1,14 @@
 """A learnable synthetic segmentation set: procedural shapes, each class its colour and texture."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 SYNTHETIC = (  # (name, RGB palette colour); class 0 is the background
   ("background", (128, 128, 128)),
@@ -73,3 +77,46 @@ class Synthetic:
       period = int(rng.integers(4, 8))
       tex = 0.35 + 0.65 * (((yy // period) + (xx // period)) % 2)
     return color * tex[..., None]
+
+
+def write_folder(root: str | Path, train: int = 200, val: int = 40, size: int = 128,
+                 classes: Sequence[int] = (0, 1, 2, 3), seed: int = 0) -> Path:
+  """Write synthetic scenes as a `folder:` dataset (mmseg's custom layout + classes.json).
+
+  `classes` picks which synthetic classes to keep (renumbered 0..N-1; the others become class 0),
+  so the folder has its own class count, as a user's data would."""
+  root = Path(root)
+  lut = np.zeros(256, np.uint8)
+  lut[255] = 255
+  for new, old in enumerate(classes):
+    lut[old] = new
+  for split, n in (("train", train), ("val", val)):
+    (root / "img_dir" / split).mkdir(parents=True, exist_ok=True)
+    (root / "ann_dir" / split).mkdir(parents=True, exist_ok=True)
+    ds = Synthetic(length=n, size=size, seed=seed, split=split)
+    for i in range(n):
+      img, label = ds[i]
+      Image.fromarray(img).save(root / "img_dir" / split / f"scene_{i:05d}.jpg", quality=95)
+      Image.fromarray(lut[label]).save(root / "ann_dir" / split / f"scene_{i:05d}.png")
+  (root / "classes.json").write_text(json.dumps({
+      "classes": [SYNTHETIC[c][0] for c in classes],
+      "palette": [list(SYNTHETIC[c][1]) for c in classes]}, indent=1))
+  return root
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description="Write synthetic scenes as a folder:PATH dataset.")
+  p.add_argument("out", help="dataset root to create")
+  p.add_argument("--train", type=int, default=200)
+  p.add_argument("--val", type=int, default=40)
+  p.add_argument("--size", type=int, default=128)
+  p.add_argument("--classes", type=int, nargs="+", default=[0, 1, 2, 3],
+                 help="synthetic class ids to keep (0 background, 1 disc, 2 box, 3 triangle, "
+                 "4 stripes, 5 checker)")
+  args = p.parse_args(argv)
+  root = write_folder(args.out, args.train, args.val, args.size, args.classes)
+  print(f"wrote {root}: {args.train} train + {args.val} val images; use --data folder:{root}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,49 @@
+"""Checkpoints do not depend on the device topology that wrote them: train on 2 forced host
+devices, then load, evaluate, predict, fine-tune from and resume on 1 (and the reverse)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
+         "--resize-scale", "128", "64", "--eval-every", "1000", "--eval-images", "4",
+         "--warmup-steps", "1", "--workers", "1", "--log-every", "1"]
+
+
+def run(script: str, devices: int, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  res = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
+                       text=True, env=env, cwd=REPO)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return res
+
+
+def test_two_devices_to_one_and_back(tmp_path):
+  from segnext_jax import load_checkpoint, metric_writer
+  wd = tmp_path / "run2"
+  run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
+  model, variables = load_checkpoint(wd)  # this process: 1 device
+  x = np.zeros((1, 64, 64, 3), np.float32)
+  assert model.apply(variables, x).shape == (1, 8, 8, 6)
+  run("eval.py", 1, wd, "--max-images", "2")
+  (tmp_path / "img.png").write_bytes((REPO / "tests/data/ade20k_val3/images/validation/ADE_val_00000003.jpg").read_bytes())
+  run("predict.py", 1, wd, tmp_path / "img.png", "-o", tmp_path / "pred")
+  assert (tmp_path / "pred" / "img_classes.png").is_file()
+  # fine-tune from the 2-device run on 1 device, then resume that run on 2 devices
+  ft = tmp_path / "ft1"
+  out = run("train.py", 1, *TRAIN, "--steps", "1", "--workdir", ft, "--pretrained", wd)
+  assert "loaded" in out.stderr
+  run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", ft)
+  # and the 2-device run resumes on 1
+  run("train.py", 1, *TRAIN, "--steps", "3", "--workdir", wd)
+  steps = [r["step"] for r in metric_writer.read(wd) if r["split"] == "train"]
+  assert steps == [1, 2, 3]
+  assert [r["step"] for r in metric_writer.read(ft) if r["split"] == "train"] == [1, 2]
