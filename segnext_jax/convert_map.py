@@ -203,3 +203,84 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], target: Mapping[str, Any],
   return traverse_util.unflatten_dict(out), ignored
 
 
+
+
+# ---- flax -> torch: the same tables, inverted (convert/to_torch.py) ----
+
+# Forward rules that alias another source format onto mmseg 1.x names: not inverted (we write 1.x).
+IMPORT_ONLY_RULES = (r"\.mlp\.dwconv\.dwconv$",)
+# Every transform of LEAF_RULES and its inverse.
+INVERSE_TRANSFORMS: dict[Callable, Callable] = {
+    _oihw_to_hwio: lambda t: np.ascontiguousarray(t.transpose(3, 2, 0, 1)), _same: _same}
+# torch BN buffer that no flax variable holds: written as 0 (only BN with momentum=None reads it,
+# which SegNeXt never uses), so torch's strict loading finds every key it expects.
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+_GROUP = re.compile(r"\(([^()]*)\)")
+
+
+def invert_rule(pattern: str, repl: str) -> tuple[str, str]:
+  """The inverse rewrite of a MODULE_RULES entry made of escaped literals, anchors and groups:
+  repl's backrefs become the pattern's groups, the pattern's groups become backrefs."""
+  body = pattern.removeprefix("^").removesuffix("$")
+  literals = _GROUP.split(body)[::2]
+  if any(re.search(r"(?<!\\)[][().*+?{}|^$]", lit) for lit in literals):
+    raise ValueError(f"MODULE_RULES entry {pattern!r} is not invertible (only literals and groups)")
+  groups = _GROUP.findall(body)
+  pieces = re.split(r"\\(\d)", repl)                                    # [lit, k, lit, k, ...]
+  inv_pattern = "".join(re.escape(p) if i % 2 == 0 else f"({groups[int(p) - 1]})"
+                        for i, p in enumerate(pieces))
+  unescape = lambda s: re.sub(r"\\(.)", r"\1", s)
+  inv_repl = "".join(unescape(lit) + (f"\\{i + 1}" if i < len(groups) else "")
+                     for i, lit in enumerate(literals))
+  anchors = ("^" if pattern.startswith("^") else "", "$" if pattern.endswith("$") else "")
+  return anchors[0] + inv_pattern + anchors[1], inv_repl
+
+
+def inverse_module_rules() -> list[tuple[str, str]]:
+  """MODULE_RULES inverted, in reverse order (flax module path -> mmseg 1.x module path)."""
+  return [invert_rule(p, r) for p, r in reversed(MODULE_RULES) if p not in IMPORT_ONLY_RULES]
+
+
+def _inverse_leaves() -> dict[tuple[str, str, str], tuple[str, Callable]]:
+  """(collection, flax leaf, module kind) -> (torch leaf, inverse transform), from LEAF_RULES."""
+  return {(coll, flax_leaf, kind): (torch_leaf, INVERSE_TRANSFORMS[fn])
+          for torch_leaf, kinds in LEAF_RULES.items()
+          for kind, (coll, flax_leaf, fn) in kinds.items()}
+
+
+def torch_key(path: tuple, flat: Mapping[tuple, Any]) -> tuple[str, Callable]:
+  """flax path (incl. collection) -> (mmseg 1.x key, inverse transform); `flat` gives the kind."""
+  collection, *module, leaf = path
+  if leaf in PARAM_LEAVES:
+    module, leaf = module + [leaf], ""
+  name = ".".join(module)
+  for pattern, repl in inverse_module_rules():
+    name = re.sub(pattern, repl, name)
+  if not leaf:
+    return name, _same
+  kind = "conv" if ("params", *module, "kernel") in flat else "norm"
+  rule = _inverse_leaves().get((collection, leaf, kind))
+  if rule is None:
+    raise ConversionError(f"no LEAF_RULES entry yields {'/'.join(path)}")
+  return f"{name}.{rule[0]}", rule[1]
+
+
+def export_state_dict(variables: Mapping[str, Any],
+                      backbone_only: bool = False) -> dict[str, np.ndarray]:
+  """flax variables -> mmseg 1.x state_dict (numpy), through the inverted tables; every key is
+  checked to map back to its flax path with `map_key`. backbone_only: bare MSCAN keys."""
+  flat = traverse_util.flatten_dict({c: variables[c] for c in MAPPED_COLLECTIONS if c in variables})
+  sd, bad = {}, []
+  for path, value in flat.items():
+    key, fn = torch_key(path, flat)
+    back = map_key(key, flat)
+    if back is None or back[0] != path or INVERSE_TRANSFORMS[back[1]] is not fn:
+      bad.append(f"{'/'.join(path)} -> {key}")
+    sd[key] = fn(np.asarray(value))
+    if key.endswith(".running_mean"):
+      sd[key.removesuffix("running_mean") + NUM_BATCHES_TRACKED] = np.zeros((), np.int64)
+  if bad:
+    raise ConversionError(f"{len(bad)} keys do not invert: {', '.join(bad[:8])}")
+  if backbone_only:
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+  return dict(sorted(sd.items()))
