@@ -7,6 +7,7 @@ mapping; both sides compute the stride-8 logits of a 1x3xSxS image with the same
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import tempfile
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # mmseg_reference
 
 
 def interleaved_ms(fns, runs: int, warmup: int = 2) -> list[float]:
@@ -43,10 +46,10 @@ def median_ms(fn, runs: int, warmup: int = 2) -> float:
 
 def bench_variant(variant: str, size: int, runs: int, tmp: Path) -> dict:
   import torch
-  from segnext_jax import convert_map, random_bases, segnext
-  from segnext_jax.testing import TorchReference
+  from mmseg_reference import TorchReference
+  from segnext_jax import random_bases, segnext, torch_io
   ref = TorchReference(variant, tmp)
-  variables, _, _ = convert_map.convert_file(ref.path)
+  variables, _, _ = torch_io.convert_file(ref.path)
   model = segnext(variant)
   x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
   bases = np.asarray(random_bases(jax.random.key(0), 1, model.head_channels, model.nmf_rank))

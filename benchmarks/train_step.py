@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def run_jax(args) -> dict:
 
 def run_torch(args) -> dict:
   import torch
-  from segnext_jax.testing import mmseg_segmentor_modules
+  from mmseg_reference import mmseg_segmentor_modules
   backbone, head = mmseg_segmentor_modules(args.variant)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   backbone, head = backbone.to(dev).train(), head.to(dev).train()

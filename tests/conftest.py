@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from segnext_jax.testing import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
+from mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
                                  segmentor_state_dict)
 
 FP32_ATOL = 1e-4  # on O(1) activations, float32, whole network

@@ -10,7 +10,7 @@ import types
 import numpy as np
 
 
-def _stub_mmcv_ops() -> None:
+def stub_mmcv_ops() -> None:
   """mmcv-lite has no compiled ops; SegNeXt never calls them, but `import mmseg.models` imports them."""
   if "mmcv.ops" in sys.modules:
     return
@@ -31,7 +31,7 @@ def _stub_mmcv_ops() -> None:
 
 def mmseg_segmentor_modules(variant: str, num_classes: int = 150, nmf_rank: int = 16):
   """mmseg's own MSCAN and LightHamHead for a variant, from the config shipped in the wheel."""
-  _stub_mmcv_ops()
+  stub_mmcv_ops()
   import torch  # noqa: F401
   from mmseg.models.backbones.mscan import MSCAN
   from mmseg.models.decode_heads.ham_head import LightHamHead
