@@ -1,0 +1,127 @@
+"""Export a segnext-jax checkpoint for deployment: ONNX (onnxruntime) or serialized StableHLO.
+
+  python export.py CKPT --format onnx -o segnext_t.onnx
+  python export.py CKPT --format stablehlo -o segnext_t.stablehlo
+One input: float32 NHWC normalized images (B, H, W, 3), B, H and W dynamic (H, W multiples of 32).
+One output: logits (B, H/8, W/8, K), the numbers of `model.apply(variables, images, train=False)`.
+The weights and the fixed NMF bases are constants of the graph: exported inference is
+deterministic. StableHLO reloads with `jax.export.deserialize` alone (no flax, no segnext_jax).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+from jax import export as jax_export
+
+from segnext_jax import cli
+from segnext_jax.checkpoint import load
+from segnext_jax.ham_head import FIXED_BASES
+from segnext_jax.model import SegNeXt
+
+SHAPE = "b, 32*h, 32*w"  # jax.export symbolic input dims: H and W are multiples of 32
+OPSET = 18  # the lowest jax2onnx 0.13 emits valid graphs for (17: ReduceSumSquare with axes input)
+FORMATS = ("onnx", "stablehlo")
+
+
+def input_spec() -> jax.ShapeDtypeStruct:
+  """(B, 32h, 32w, 3) float32 with symbolic b, h, w."""
+  b, h, w = jax_export.symbolic_shape(SHAPE)
+  return jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
+
+
+def inference_fn(model: SegNeXt, variables: dict) -> Callable[[jax.Array], jax.Array]:
+  """images -> logits with the variables (incl. the fixed NMF bases) closed over as constants."""
+  if FIXED_BASES not in variables:
+    raise ValueError(f"the checkpoint has no '{FIXED_BASES}': nothing fixes NMF's initial bases")
+  return lambda images: model.apply(variables, images, train=False)
+
+
+def dw_impl(fmt: str, platforms: tuple[str, ...]) -> str:
+  """Depthwise conv backend: the shift loop for CPU-only StableHLO (XLA:CPU's grouped conv is
+  ~4x slower), the grouped conv elsewhere (onnxruntime's depthwise Conv, cuDNN, TPU)."""
+  return "shift" if fmt == "stablehlo" and platforms == ("cpu",) else "lax"
+
+
+def export_stablehlo(model: SegNeXt, variables: dict, platforms: tuple[str, ...]) -> bytes:
+  """jax.export with symbolic batch/height/width, serialized."""
+  exported = jax_export.export(jax.jit(inference_fn(model, variables)), platforms=platforms)(
+      input_spec())
+  return bytes(exported.serialize())
+
+
+def export_onnx(model: SegNeXt, variables: dict, opset: int = OPSET):
+  """jax2onnx of the traced program (an onnx.ModelProto).
+
+  The function is traced to a jaxpr first: jax2onnx replaces `jax.image.resize` by its own
+  primitive, which needs static sizes; the traced jaxpr holds resize's lax ops, whose sizes follow
+  the symbolic input."""
+  for name in ("jax2onnx", "onnx_ir"):  # plugins for other libraries, shape-inference chatter
+    logging.getLogger(name).setLevel(logging.ERROR)
+  from jax2onnx import to_onnx  # the export extra
+  spec = input_spec()  # one symbolic scope for the trace and the conversion
+  closed = jax.make_jaxpr(inference_fn(model, variables))(spec)
+  program = lambda images: jax.extend.core.jaxpr_as_fun(closed)(images)[0]
+  return to_onnx(program, [spec], model_name="segnext", opset=opset,
+                 input_names=["images"], output_names=["logits"])
+
+
+def onnx_metadata(proto, meta: dict) -> None:
+  """What a deployment needs besides the graph, as ONNX metadata_props."""
+  import json
+  info = dict(variant=meta["variant"], num_classes=meta.get("model", {}).get("num_classes"),
+              input="float32 NHWC (B,H,W,3), RGB, (x - mean) / std, H and W padded to /32",
+              mean="123.675,116.28,103.53", std="58.395,57.12,57.375",
+              output="logits (B,H/8,W/8,K)", class_names=json.dumps(meta.get("class_names")))
+  for k, v in info.items():
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = k, str(v)
+
+
+def export_file(ckpt: str | Path, fmt: str, out: str | Path, opset: int = OPSET,
+                platforms: tuple[str, ...] | None = None) -> Path:
+  """Load CKPT and write its `fmt` export to `out`."""
+  platforms = tuple(platforms or (jax.default_backend(),))
+  model, variables, meta = load(ckpt, dw_impl=dw_impl(fmt, platforms))
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if fmt == "stablehlo":
+    out.write_bytes(export_stablehlo(model, variables, platforms))
+  else:
+    import onnx
+    proto = export_onnx(model, variables, opset)
+    onnx_metadata(proto, meta)
+    onnx.save(proto, out)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = cli.parser(__doc__)
+  p.add_argument("checkpoint", type=Path, help="segnext-jax checkpoint directory (converted or train.py)")
+  p.add_argument("--format", choices=FORMATS, required=True)
+  p.add_argument("-o", "--out", type=Path, required=True, help="output file")
+  cli.add_flag(p, "opset", type=int, default=OPSET, help="ONNX opset (default %(default)s)")
+  cli.add_flag(p, "platforms", default=None,
+               help="StableHLO target platforms, comma-separated (default: this machine's, e.g. "
+               "cpu; 'cpu,cuda' lowers one file for both)")
+  args = p.parse_args(argv)
+  platforms = tuple(args.platforms.split(",")) if args.platforms else None
+  try:
+    out = export_file(args.checkpoint, args.format, args.out, args.opset, platforms)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {out} ({args.format}, {out.stat().st_size / 2**20:.1f} MiB): "
+        "images (B, 32h, 32w, 3) float32 -> logits (B, 4h, 4w, K)")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.quiet_absl()
+  sys.exit(main())
