@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from segnext_jax import convert_map, segnext
-from segnext_jax.data.datasets import Synthetic
-from segnext_jax.data.transforms import normalize
-from segnext_jax.eval_lib import (EvalConfig, Predictor, confusion_matrix, evaluate,
-                                  metrics_from_confusion, resize_logits, keep_ratio_resize)
-from segnext_jax.testing import TorchReference, _stub_mmcv_ops
+from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
+from segnext_jax import segnext, torch_io
+from segnext_jax.data.transforms import rescale_size, resize_image
+from segnext_jax.eval_lib import evaluate
+from segnext_jax.inference import InferenceConfig, Predictor, to_original
+from segnext_jax.metrics import confusion_matrix, metrics_from_confusion
+from segnext_jax.views import View, prepare
 
 
 def test_metrics_hand_made():
@@ -28,20 +29,17 @@ def test_metrics_hand_made():
 
 
 def test_metrics_match_mmseg_iou_metric_on_random_data():
-  _stub_mmcv_ops()
-  from mmseg.evaluation.metrics import IoUMetric
   rng = np.random.default_rng(0)
   k = 7
   cm = np.zeros((k, k), np.int64)
-  areas = [torch.zeros(k, dtype=torch.float64) for _ in range(4)]
+  pairs = []
   for _ in range(5):
     label = rng.integers(0, k - 1, (31, 17))  # class k-1 never labelled
     label[rng.random(label.shape) < 0.2] = 255
     pred = rng.integers(0, k - 2, (31, 17))  # classes k-2, k-1 never predicted
     cm += confusion_matrix(pred, label, k)
-    for acc, new in zip(areas, IoUMetric.intersect_and_union(torch.from_numpy(pred), torch.from_numpy(label), k, 255)):
-      acc += new
-  ref = IoUMetric.total_area_to_metrics(*areas, ["mIoU"])
+    pairs.append((torch.from_numpy(pred), torch.from_numpy(label)))
+  ref = iou_metric(pairs, k)
   ours = metrics_from_confusion(cm)
   np.testing.assert_allclose(ours["IoU"], np.asarray(ref["IoU"]), equal_nan=True)
   np.testing.assert_allclose(ours["Acc"], np.asarray(ref["Acc"]), equal_nan=True)
@@ -54,131 +52,117 @@ def test_logit_resize_matches_torch_bilinear(src, dst):
   x = np.random.default_rng(0).standard_normal((*src, 3)).astype(np.float32)
   ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(2, 0, 1))[None], size=dst,
                                         mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
-  np.testing.assert_allclose(resize_logits(x, dst), ref, atol=1e-5)
+  got = np.asarray(to_original(x, src, dst))[:dst[0], :dst[1]]
+  np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_image_resize_is_cv2_bilinear_not_antialiased():
   import cv2
   img = (np.random.default_rng(0).random((100, 80, 3)) * 255).astype(np.uint8)
-  got = keep_ratio_resize(img, (64, 32))  # fit short side 32: a 2.5x downscale
+  got = resize_image(img, rescale_size(img.shape[:2], (64, 32)))  # fit short side 32: 2.5x down
   assert got.shape == (40, 32, 3)
   np.testing.assert_array_equal(got, cv2.resize(img, (32, 40), interpolation=cv2.INTER_LINEAR))
   aa = jax.image.resize(img.astype(np.float32), (40, 32, 3), "bilinear", antialias=True)
   assert np.abs(np.asarray(aa) - got).max() > 10  # the antialiased resize is a different image
 
 
-def mmseg_segmentor(ref: TorchReference, mode: str, crop=None, stride=None):
-  """mmseg's EncoderDecoder (data preprocessor pads to /32) holding the reference weights."""
-  _stub_mmcv_ops()
-  from mmseg.models.segmentors import EncoderDecoder
-  from mmseg.utils import register_all_modules
-  register_all_modules()
-  from mmengine.config import ConfigDict
-  test_cfg = ConfigDict(mode=mode) if mode == "whole" else ConfigDict(mode=mode, crop_size=crop, stride=stride)
-  seg = EncoderDecoder(backbone=dict(type="MSCAN", embed_dims=[32, 64, 160, 256], mlp_ratios=[8, 8, 4, 4],
-                                     depths=[3, 3, 5, 2], norm_cfg=dict(type="BN", requires_grad=True)),
-                       decode_head=dict(type="LightHamHead", in_channels=[64, 160, 256], in_index=[1, 2, 3],
-                                        channels=256, ham_channels=256, num_classes=150,
-                                        norm_cfg=dict(type="GN", num_groups=32, requires_grad=True),
-                                        align_corners=False,
-                                        ham_kwargs=dict(MD_S=1, MD_R=16, train_steps=6, eval_steps=7,
-                                                        inv_t=100, rand_init=True)),
-                       data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
-                                              std=[58.395, 57.12, 57.375], bgr_to_rgb=False, pad_val=0,
-                                              seg_pad_val=255, test_cfg=dict(size_divisor=32)),
-                       test_cfg=test_cfg)
-  seg.backbone.load_state_dict(ref.backbone.state_dict())
-  seg.decode_head.load_state_dict(ref.head.state_dict())
-  return seg.eval()
-
-
-def mmseg_predict(seg, resized: np.ndarray, ori_hw, bases: np.ndarray) -> np.ndarray:
-  from mmseg.structures import SegDataSample
-  b = torch.from_numpy(bases.copy())
-  seg.decode_head.hamburger.ham._build_bases = lambda *a, **k: b.clone()
-  sample = SegDataSample(metainfo=dict(ori_shape=ori_hw, img_shape=resized.shape[:2]))
-  data = seg.data_preprocessor(dict(inputs=[torch.from_numpy(resized.transpose(2, 0, 1).copy())],
-                                    data_samples=[sample]), False)
-  with torch.no_grad():
-    out = seg.predict(data["inputs"], data["data_samples"])
-  return out[0].seg_logits.data.numpy().transpose(1, 2, 0)
-
-
 @pytest.fixture(scope="module")
 def converted_t(torch_ref_t):
-  variables, _, _ = convert_map.convert_file(torch_ref_t.path)
+  variables, _, _ = torch_io.convert_file(torch_ref_t.path)
   return segnext("t"), variables
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_predictor_matches_mmseg_test_pipeline(torch_ref_t, converted_t, mode):
   model, variables = converted_t
-  cfg = EvalConfig(scale=(200, 100), mode=mode, crop=(64, 64), stride=(48, 48))
-  pred = Predictor(model, variables, cfg)
+  cfg = InferenceConfig(scale=(200, 100), mode=mode, crop=(64, 64), stride=(48, 48))
   img = (np.random.default_rng(0).random((83, 121, 3)) * 255).astype(np.uint8)
-  ours = pred.predict(img, index=3)
-  resized = keep_ratio_resize(img, cfg.scale)                 # mmseg's Resize(keep_ratio) is cv2 too
-  seg = mmseg_segmentor(torch_ref_t, mode, crop=cfg.crop, stride=cfg.stride)
-  ref = mmseg_predict(seg, resized, img.shape[:2], np.asarray(pred.bases([3])))
+  ours = Predictor.for_model(model, cfg).scores(variables, img)
+  resized = resize_image(img, rescale_size(img.shape[:2], cfg.scale))  # mmseg's Resize: cv2 too
+  seg = segmentor(torch_ref_t, mode, crop=cfg.crop, stride=cfg.stride)
+  use_bases(seg, fixed_bases(variables))
+  ref = predict_view(seg, resized, img.shape[:2])
   assert ours.shape == ref.shape == (83, 121, 150)
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 
 
-def test_tta_is_flip_equivariant_probabilities(converted_t):
+def test_flipped_view_matches_mmseg_postprocess(torch_ref_t, converted_t):
+  """A flipped view: mmseg crops the padding, flips back, resizes; so do we (by gather indices)."""
   model, variables = converted_t
-  pred = Predictor(model, variables, EvalConfig(scale=(96, 48), tta=True))
-  img = (np.random.default_rng(1).random((50, 70, 3)) * 255).astype(np.uint8)
-  a = pred.predict(img, 0)
-  b = pred.predict(np.ascontiguousarray(img[:, ::-1]), 0)
-  np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(a, b[:, ::-1], atol=1e-5)
+  img = (np.random.default_rng(2).random((45, 70, 3)) * 255).astype(np.uint8)
+  view = View((50, 78), flip=True)
+  x, valid = prepare(img, view)
+  ours = np.asarray(to_original(Predictor.for_model(model).logits(variables, x[None])[0], valid,
+                                img.shape[:2], flip=True))[:45, :70]
+  seg = segmentor(torch_ref_t)
+  use_bases(seg, fixed_bases(variables))
+  ref = predict_view(seg, resize_image(img, view.size)[:, ::-1], img.shape[:2], flip=True)
+  assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 
 
 class VariedSizes:
-  """Synthetic images resized to several sizes (as ADE20K's validation images vary)."""
+  """Random-blob images of several sizes (as ADE20K's validation images vary)."""
   num_classes = 6
-  class_names = Synthetic.class_names
+  class_names = [str(i) for i in range(6)]
+  sizes = [(64, 64), (60, 90), (70, 50), (64, 96), (61, 91)]
 
-  def __init__(self, n):
-    self.base = Synthetic(length=n, size=64, split="val")
-    self.sizes = [(64, 64), (60, 90), (70, 50), (64, 96), (61, 91)]
+  def __init__(self, n: int, order=None):
+    self.order = list(range(n)) if order is None else list(order)
 
   def __len__(self):
-    return len(self.base)
+    return len(self.order)
 
   def __getitem__(self, i):
     import cv2
-    img, lbl = self.base[i]
-    h, w = self.sizes[i % len(self.sizes)]
-    return (cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR),
-            cv2.resize(lbl, (w, h), interpolation=cv2.INTER_NEAREST))
+    j = self.order[i]
+    rng = np.random.default_rng(j)
+    h, w = self.sizes[j % len(self.sizes)]
+    label = cv2.resize(rng.integers(0, 6, (4, 4)).astype(np.uint8), (w, h),
+                       interpolation=cv2.INTER_NEAREST)
+    img = (label[..., None] * 40 + rng.integers(0, 30, (h, w, 3))).astype(np.uint8)
+    return img, label
+
+
+def six_class_model(t_variables):
+  variables = jax.tree.map(np.asarray, dict(t_variables))
+  variables["params"] = {**variables["params"]}
+  variables["params"]["decode_head"] = {**variables["params"]["decode_head"], "conv_seg": {
+      "kernel": np.random.default_rng(0).normal(0, 0.05, (1, 1, 256, 6)).astype(np.float32),
+      "bias": np.zeros(6, np.float32)}}
+  return segnext("t", num_classes=6), variables
+
+
+def counting(model, shapes: list):
+  """The model's inference apply, recording the input shape of every trace (= every compile)."""
+  def apply(variables, images):
+    shapes.append(images.shape)
+    return model.apply(variables, images, train=False)
+  return apply
 
 
 def test_evaluate_is_deterministic_batched_and_compiles_per_shape(t_variables):
-  variables = jax.tree.map(np.asarray, t_variables)
-  variables["params"]["decode_head"] = {**variables["params"]["decode_head"]}
-  model = segnext("t")
-  k = 6
-  variables["params"]["decode_head"]["conv_seg"] = {
-      "kernel": np.random.default_rng(0).normal(0, 0.05, (1, 1, 256, k)).astype(np.float32),
-      "bias": np.zeros(k, np.float32)}
-  model = segnext("t", num_classes=k)
+  model, variables = six_class_model(t_variables)
   ds = VariedSizes(11)
-  cfg = EvalConfig(scale=(128, 64), batch_size=2)
-  p1 = Predictor(model, variables, cfg)
-  r1 = evaluate(p1, ds, progress=False)
-  r2 = evaluate(Predictor(model, variables, cfg), ds, progress=False)
+  traced = []
+  pred = Predictor(counting(model, traced), InferenceConfig(scale=(128, 64), batch_size=2))
+  r1 = evaluate(pred, variables, ds, progress=False)
+  n_traced = len(traced)
+  r2 = evaluate(pred, variables, VariedSizes(11, order=reversed(range(11))), progress=False)
+  assert len(traced) == n_traced  # the second evaluation reuses every program
   np.testing.assert_array_equal(r1["confusion"], r2["confusion"])
   assert r1["confusion"].sum() == sum(int((ds[i][1] != 255).sum()) for i in range(len(ds)))
-  shapes = {p1.prepare(ds[i][0])[0].shape for i in range(len(ds))}
+  shapes = {prepare(img, *pred.cfg.views(img.shape[:2]))[0].shape for img, _ in
+            (ds[i] for i in range(len(ds)))}
   # one program per (padded shape, power-of-two batch <= 2)
-  assert len(shapes) <= p1.logits_fn._cache_size() <= 2 * len(shapes) and len(shapes) < len(ds)
-  single = Predictor(model, variables, EvalConfig(scale=(128, 64), batch_size=1))
-  for i in (0, 7):  # batching does not change an image's prediction
+  assert len(shapes) <= n_traced <= 2 * len(shapes) and len(shapes) < len(ds)
+  single = Predictor.for_model(model, InferenceConfig(scale=(128, 64), batch_size=1))
+  r3 = evaluate(single, variables, ds, progress=False)
+  np.testing.assert_array_equal(r1["confusion"], r3["confusion"])  # batching changes nothing
+  for i in (0, 7):
     img, _ = ds[i]
-    x, valid = p1.prepare(img)
-    from segnext_jax.eval_lib import postprocess
-    batched = postprocess(p1.run(np.stack([x, np.zeros_like(x)]), [i, 0])[0], valid, img.shape[:2])
-    np.testing.assert_allclose(batched, single.predict(img, i), atol=1e-5)
-  r3 = evaluate(Predictor(model, variables, EvalConfig(scale=(128, 64), nmf_seed=5)), ds, progress=False)
-  assert r3["images"] == 11
+    (view,) = pred.cfg.views(img.shape[:2])
+    x, valid = prepare(img, view)
+    batched = to_original(pred.logits(variables, np.stack([x, np.zeros_like(x)]))[0], valid,
+                          img.shape[:2])
+    np.testing.assert_allclose(np.asarray(batched)[:img.shape[0], :img.shape[1]],
+                               single.scores(variables, img), atol=1e-5)
