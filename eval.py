@@ -2,16 +2,17 @@
 
   python eval.py converted/segnext_t --data ade20k:/data/ADEChallengeData2016 [--tta] [--out r.json]
   python eval.py runs/synthetic                 # a train.py workdir, on its own validation data
-NMF bases of image i come from fold_in(key(--nmf-seed), i): equal seeds give identical results.
+NMF bases are the fixed ones stored with the checkpoint (or drawn from --nmf-seed): every image
+gets one answer whatever its batch or order, and two runs print identical numbers.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 
 import numpy as np
+
+from segnext_jax import cli, inference_cli
 
 
 def format_table(res: dict, names) -> str:
@@ -23,56 +24,55 @@ def format_table(res: dict, names) -> str:
   return "\n".join(rows)
 
 
-def to_json(res: dict, names, args) -> dict:
+def to_json(res: dict, names, settings: dict) -> dict:
   clean = lambda x: None if not np.isfinite(x) else round(float(x) * 100, 4)
   return {"aAcc": clean(res["aAcc"]), "mIoU": clean(res["mIoU"]), "mAcc": clean(res["mAcc"]),
           "per_class": {n: {"IoU": clean(i), "Acc": clean(a)} for n, i, a in zip(names, res["IoU"], res["Acc"])},
-          "images": res["images"], "images_per_s": res["images_per_s"], "settings": vars(args)}
+          "images": res["images"], "images_per_s": res["images_per_s"], "settings": settings}
+
+
+def build_parser():
+  p = cli.parser(__doc__)
+  p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
+  cli.add_flag(p, "data", default=None, help="a --data spec as train.py takes it (default: the "
+               "training run's data; required for a converted checkpoint)")
+  cli.add_flag(p, "batch-size", type=int, default=4, help="images of one padded shape per batch")
+  cli.add_flag(p, "max-images", type=int, default=0, help="0 = all")
+  cli.add_flag(p, "out", default=None, help="write the results as JSON here")
+  inference_cli.add_flags(p)
+  return p
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
-  p.add_argument("--data", default=None, help="ade20k:PATH | tfds:scene_parse150[:DIR] | synthetic "
-                 "(default: the training run's data, else required)")
-  p.add_argument("--mode", choices=["whole", "slide"], default="whole")
-  p.add_argument("--crop", type=int, nargs=2, default=(1024, 1024), help="slide window")
-  p.add_argument("--stride", type=int, nargs=2, default=(768, 768), help="slide stride")
-  p.add_argument("--batch-size", type=int, default=4)
-  p.add_argument("--max-images", type=int, default=0, help="0 = all")
-  p.add_argument("--out", default=None, help="write the results as JSON here")
-  from segnext_jax.checkpoint import class_names
+  args = build_parser().parse_args(argv)
+  cli.quiet_absl()
   from segnext_jax.data.datasets import make_dataset
-  from segnext_jax.eval_lib import EvalConfig, Predictor, add_inference_flags, evaluate, load_for_inference
-  add_inference_flags(p)
-  args = p.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)
+  from segnext_jax.eval_lib import evaluate
+  from segnext_jax.inference import Predictor
   try:
-    model, variables, run_cfg, scale = load_for_inference(args)
-    data = args.data or run_cfg.get("data")
+    run = inference_cli.load(args, batch_size=args.batch_size)
+    data = args.data or (run.meta.get("config") or {}).get("data")
     if data is None:
       raise ValueError("--data is required for a converted checkpoint")
     dataset = make_dataset(data, "val")
+    if dataset.num_classes != run.model.num_classes:
+      raise ValueError(f"the model predicts {run.model.num_classes} classes, {data} has "
+                       f"{dataset.num_classes}")
   except (FileNotFoundError, ValueError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if dataset.num_classes != model.num_classes:
-    print(f"error: the model predicts {model.num_classes} classes, {data} has {dataset.num_classes}",
-          file=sys.stderr)
-    return 2
-  cfg = EvalConfig(scale=scale, mode=args.mode, crop=tuple(args.crop), stride=tuple(args.stride),
-                   tta=args.tta, nmf_seed=args.nmf_seed, batch_size=args.batch_size)
-  res = evaluate(Predictor(model, variables, cfg), dataset, args.max_images)
-  names = class_names(args.checkpoint) or list(dataset.class_names)
+  print(f"test pipeline: {inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
+  res = evaluate(Predictor.for_model(run.model, run.cfg), run.variables, dataset, args.max_images)
+  names = run.meta.get("class_names") or list(dataset.class_names)
   print(format_table(res, names))
   if args.out:
+    settings = {**vars(args), "data": data, "test_pipeline": inference_cli.describe(run.cfg),
+                "nmf_bases": run.bases}
     with open(args.out, "w") as f:
-      json.dump(to_json(res, names, args), f, indent=2)
+      json.dump(to_json(res, names, settings), f, indent=2)
     print(f"wrote {args.out}")
   return 0
 
 
 if __name__ == "__main__":
-  from segnext_jax.cpu_runtime import reexec_with_huge_pages
-  reexec_with_huge_pages()
   sys.exit(main())

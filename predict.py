@@ -1,30 +1,40 @@
 """Predict segmentation maps and write pictures: raw class-index PNG, colour mask, overlay + legend.
 
-  python predict.py converted/segnext_t photo.jpg more/ -o out/ [--tta] [--nmf-seed 0]
-For each input image NAME this writes out/NAME_classes.png (uint8 class ids; 255 if > 255 classes
-is impossible here), out/NAME_mask.png (ADE20K palette) and out/NAME_overlay.png (image blended
-with the mask, and a legend of the classes present).
+  python predict.py converted/segnext_t photo.jpg more/ -o out/ [--tta]
+For each input image NAME this writes out/NAME_classes.png (uint8 class ids), out/NAME_mask.png
+(the checkpoint's palette, else ADE20K's for 150 classes) and out/NAME_overlay.png (image blended
+with the mask, and a legend of the classes present). Images run one at a time with the fixed NMF
+bases, so a map does not depend on which other images are given, or in what order.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from segnext_jax import cli, inference_cli
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def palette(num_classes: int) -> np.ndarray:
-  """ADE20K's palette for 150 classes, else a fixed, well-spread pseudo-random one (RGB uint8)."""
+def palette(meta: dict, num_classes: int) -> np.ndarray:
+  """The checkpoint's palette, ADE20K's for 150 classes, else a fixed pseudo-random one (RGB)."""
   from segnext_jax.data.ade20k_classes import ADE20K_PALETTE
+  if meta.get("palette") and len(meta["palette"]) == num_classes:
+    return np.array(meta["palette"], np.uint8)
   if num_classes == len(ADE20K_PALETTE):
     return np.array(ADE20K_PALETTE, np.uint8)
   rng = np.random.default_rng(12345)
   return rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
+
+
+def class_names(meta: dict, num_classes: int) -> list[str]:
+  from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
+  if meta.get("class_names") and len(meta["class_names"]) == num_classes:
+    return list(meta["class_names"])
+  return list(ADE20K_CLASSES) if num_classes == 150 else [str(i) for i in range(num_classes)]
 
 
 def overlay_with_legend(img: np.ndarray, pred: np.ndarray, colors: np.ndarray, names,
@@ -56,48 +66,54 @@ def collect_images(inputs: list[str]) -> list[Path]:
   return files
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+  p = cli.parser(__doc__)
   p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
   p.add_argument("images", nargs="+", help="image files and/or folders")
   p.add_argument("-o", "--out", default="predictions", help="output folder")
-  from segnext_jax.checkpoint import class_names
-  from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
+  inference_cli.add_flags(p)
+  return p
+
+
+def write_outputs(out: Path, stem: str, img: np.ndarray, pred: np.ndarray, colors, names) -> None:
+  cv2.imwrite(str(out / f"{stem}_classes.png"), pred.astype(np.uint8))
+  cv2.imwrite(str(out / f"{stem}_mask.png"), colors[pred][..., ::-1])
+  cv2.imwrite(str(out / f"{stem}_overlay.png"), overlay_with_legend(img, pred, colors, names)[..., ::-1])
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  cli.quiet_absl()
   from segnext_jax.data.datasets import read_image
-  from segnext_jax.eval_lib import EvalConfig, Predictor, add_inference_flags, load_for_inference
-  add_inference_flags(p)
-  args = p.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)
+  from segnext_jax.inference import Predictor
   try:
-    model, variables, run_cfg, scale = load_for_inference(args)
-    names = class_names(args.checkpoint) or (
-        ADE20K_CLASSES if model.num_classes == 150 else [str(i) for i in range(model.num_classes)])
+    run = inference_cli.load(args)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  predictor = Predictor(model, variables, EvalConfig(scale=scale, tta=args.tta, nmf_seed=args.nmf_seed))
-  colors = palette(model.num_classes)
+  k = run.model.num_classes
+  if k > 256:
+    print(f"error: {k} classes do not fit the uint8 class map", file=sys.stderr)
+    return 2
+  names, colors = class_names(run.meta, k), palette(run.meta, k)
+  predictor = Predictor.for_model(run.model, run.cfg)
+  print(f"test pipeline: {inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   failed = 0
-  for i, path in enumerate(collect_images(args.images)):
+  for path in collect_images(args.images):
     try:
       img = read_image(path)
     except (ValueError, OSError) as e:
       print(f"error: {e}", file=sys.stderr)
       failed += 1
       continue
-    pred = predictor.predict(img, i).argmax(-1).astype(np.uint8)
-    cv2.imwrite(str(out / f"{path.stem}_classes.png"), pred)
-    cv2.imwrite(str(out / f"{path.stem}_mask.png"), colors[pred][..., ::-1])
-    cv2.imwrite(str(out / f"{path.stem}_overlay.png"),
-                overlay_with_legend(img, pred, colors, names)[..., ::-1])
+    pred = predictor.classes(run.variables, img)
+    write_outputs(out, path.stem, img, pred, colors, names)
     present = ", ".join(str(names[c]) for c in np.unique(pred))
     print(f"{path}: {img.shape[1]}x{img.shape[0]} -> {out}/{path.stem}_*.png ({present})")
   return 1 if failed else 0
 
 
 if __name__ == "__main__":
-  from segnext_jax.cpu_runtime import reexec_with_huge_pages
-  reexec_with_huge_pages()
   sys.exit(main())

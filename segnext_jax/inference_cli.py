@@ -1,0 +1,76 @@
+"""Flags and checkpoint loading shared by eval.py and predict.py (the test pipeline, the NMF
+bases, the compile cache): one `load` per run gives the model, variables, metadata and config."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from segnext_jax import cli
+from segnext_jax.inference import InferenceConfig
+from segnext_jax.views import PIPELINES
+
+PIPELINE_HELP = (
+    "mmseg1 (default): mmseg 1.x; single scale = keep-ratio resize into --scale, zero-pad to /32; "
+    "--tta = its ADE20K tta_pipeline: resize the ORIGINAL image by 0.5..1.75 (--scale unused), "
+    "flip, pad to /32, mean of softmax (SegTTAModel). official: the SegNeXt repository (mmseg "
+    "0.24); single scale = keep-ratio resize into --scale, then a second resize up to multiples "
+    "of 32 (ResizeToMultiple, no padding); --tta = MultiScaleFlipAug(img_scale=--scale, ratios "
+    "0.5..1.75, flip), each view resized that way, mean of softmax")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  """The inference flags of eval.py and predict.py."""
+  cli.add_flag(parser, "pipeline", choices=PIPELINES, default="mmseg1", help=PIPELINE_HELP)
+  cli.add_flag(parser, "tta", action="store_true",
+               help="multi-scale (0.5-1.75) + flip, softmax averaged, as --pipeline defines it")
+  cli.add_flag(parser, "scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+               help="test resize bound; default: the training run's resize_scale, else 2048 512")
+  cli.add_flag(parser, "mode", choices=["whole", "slide"], default=None,
+               help="default: the training run's eval_mode, else whole")
+  cli.add_flag(parser, "crop", type=int, nargs=2, default=None, help="slide window (H W)")
+  cli.add_flag(parser, "stride", type=int, nargs=2, default=None, help="slide stride (H W)")
+  cli.add_flag(parser, "nmf-seed", type=int, default=None,
+               help="replace the checkpoint's fixed NMF bases by bases drawn from this seed")
+  cli.add_flag(parser, "compile-cache", default=cli.DEFAULT_CACHE,
+               help="persistent XLA compilation cache directory ('' to disable)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  model: object
+  variables: dict
+  meta: dict
+  cfg: InferenceConfig
+  bases: str  # which NMF bases inference uses, in words
+
+
+def load(args: argparse.Namespace, batch_size: int = 1) -> Loaded:
+  """Read the checkpoint once and build the inference config from the flags and its run config."""
+  from segnext_jax import checkpoint
+  from segnext_jax.model import fixed_bases
+  cli.enable_compile_cache(args.compile_cache)
+  model, variables, meta = checkpoint.load(args.checkpoint)
+  bases = meta.get("nmf_bases") or "fixed (stored with the checkpoint)"
+  if args.nmf_seed is not None:
+    variables = {**variables, **fixed_bases(model, args.nmf_seed)}
+    bases = f"fixed, drawn from seed {args.nmf_seed} (--nmf-seed; the stored ones unused)"
+  run = meta.get("config") or {}
+  cfg = InferenceConfig(
+      pipeline=args.pipeline, tta=args.tta,
+      scale=tuple(args.scale or run.get("resize_scale", (2048, 512))),
+      mode=args.mode or run.get("eval_mode", "whole"),
+      crop=tuple(args.crop or run.get("eval_crop", (1024, 1024))),
+      stride=tuple(args.stride or run.get("eval_stride", (768, 768))), batch_size=batch_size)
+  return Loaded(model, variables, meta, cfg, bases)
+
+
+def describe(cfg: InferenceConfig) -> str:
+  """One line naming the test pipeline in use."""
+  bound = f"{cfg.scale[0]}x{cfg.scale[1]}"
+  if not cfg.tta:
+    views = f"single scale into {bound}"
+  else:
+    of = "the original size" if cfg.pipeline == "mmseg1" else bound
+    views = f"TTA: {of} x 0.5-1.75, flipped and not, mean of softmax"
+  window = f", windows {cfg.crop} stride {cfg.stride}" if cfg.mode == "slide" else ""
+  return f"{cfg.pipeline} pipeline, {views}, {cfg.mode}{window}"
