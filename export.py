@@ -9,7 +9,7 @@ deterministic. StableHLO reloads with `jax.export.deserialize` alone (no flax, n
 """
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,6 +22,7 @@ from jax import export as jax_export
 
 from segnext_jax import cli
 from segnext_jax.checkpoint import load
+from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import SegNeXt
 
@@ -74,10 +75,10 @@ def export_onnx(model: SegNeXt, variables: dict, opset: int = OPSET):
 
 def onnx_metadata(proto, meta: dict) -> None:
   """What a deployment needs besides the graph, as ONNX metadata_props."""
-  import json
+  mean, std = (a.astype(float).round(3).tolist() for a in (MEAN, STD))
   info = dict(variant=meta["variant"], num_classes=meta.get("model", {}).get("num_classes"),
               input="float32 NHWC (B,H,W,3), RGB, (x - mean) / std, H and W padded to /32",
-              mean="123.675,116.28,103.53", std="58.395,57.12,57.375",
+              mean=mean, std=std,
               output="logits (B,H/8,W/8,K)", class_names=json.dumps(meta.get("class_names")))
   for k, v in info.items():
     entry = proto.metadata_props.add()

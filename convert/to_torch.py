@@ -18,19 +18,18 @@ from typing import Any
 import numpy as np
 
 from segnext_jax import checkpoint, convert_map
+from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import SegNeXt
-
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # mmseg ADE20K/Cityscapes, RGB
-
 
 def mmseg_model_config(model: SegNeXt) -> dict[str, Any]:
   """The mmseg 1.x `model = dict(...)` config of a SegNeXt (configs/segnext/*.py, 1 GPU)."""
   dims = list(model.embed_dims)
+  mean, std = (a.astype(float).round(3).tolist() for a in (MEAN, STD))
   return dict(
       type="EncoderDecoder",
-      data_preprocessor=dict(type="SegDataPreProcessor", mean=list(MEAN), std=list(STD),
-                             bgr_to_rgb=True, pad_val=0, seg_pad_val=255),
+      data_preprocessor=dict(type="SegDataPreProcessor", mean=mean, std=std, bgr_to_rgb=True,
+                             pad_val=0, seg_pad_val=255),
       backbone=dict(type="MSCAN", embed_dims=dims, mlp_ratios=list(model.mlp_ratios), drop_rate=0.0,
                     drop_path_rate=model.drop_path, depths=list(model.depths),
                     attention_kernel_sizes=[5, [1, 7], [1, 11], [1, 21]],
