@@ -70,7 +70,8 @@ def seg_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """mmseg CrossEntropyLoss: logits (B,h,w,K) upsampled bilinearly (align_corners=False) to the
   labels' (B,H,W) size, softmax CE, ignored pixels (255) count 0, averaged over ALL pixels
   (avg_non_ignore=False). Memory-lean custom gradient."""
-  return _upsampled_ce(logits.astype(jnp.float32), labels.astype(jnp.int32))
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return _upsampled_ce(logits, labels.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +247,8 @@ def prepare_data(cfg: TrainConfig):
 def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True) -> dict:
   """Train per `cfg` in cfg.workdir, resuming from its latest checkpoint. `stop_after` ends the
   process-local run early at that step (a simulated preemption, for tests). Returns final metrics."""
-  from segnext_jax import eval_lib
+  from segnext_jax.eval_lib import evaluate
+  from segnext_jax.inference import InferenceConfig, Predictor
   from segnext_jax.data.loader import TrainLoader
   from segnext_jax.data.transforms import TrainPipeline
   import tqdm
@@ -283,7 +285,7 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
   pipeline = TrainPipeline(crop=(cfg.crop_size, cfg.crop_size), scale=tuple(cfg.resize_scale))
   loader = TrainLoader(train_ds, pipeline, cfg.batch_size, cfg.seed, start, cfg.workers,
                        process_index=jax.process_index(), process_count=jax.process_count())
-  evaluator = eval_lib.Evaluator(model.clone(remat=False), eval_lib.EvalConfig(
+  predictor = Predictor.for_model(model.clone(remat=False), InferenceConfig(  # compiled once
       scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
       stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
   history: dict[str, Any] = {"loss": [], "eval": []}
@@ -308,7 +310,7 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.1f}")
       bar.update(1)
       if done % cfg.eval_every == 0 or done == cfg.steps:
-        res = evaluator.evaluate(state.variables(), val_ds, cfg.eval_images, progress=False)
+        res = evaluate(predictor, state.variables(), val_ds, cfg.eval_images, progress=False)
         history["eval"].append((done, res["mIoU"], res["aAcc"]))
         pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
         writer.write(done, pct, prefix="val", extra={"IoU": {
