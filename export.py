@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from segnext_jax.model import SegNeXt
 SHAPE = "b, 32*h, 32*w"  # jax.export symbolic input dims: H and W are multiples of 32
 OPSET = 18  # the lowest jax2onnx 0.13 emits valid graphs for (17: ReduceSumSquare with axes input)
 FORMATS = ("onnx", "stablehlo")
+# x (..., C) @ w (C, D) as jax2onnx writes a 1x1 conv: 'abcd,de->abce'.
+MATMUL_EINSUM = re.compile(r"^([a-z]+)([a-z]),\2([a-z])->\1\3$")
 
 
 def input_spec() -> jax.ShapeDtypeStruct:
@@ -73,6 +76,20 @@ def export_onnx(model: SegNeXt, variables: dict, opset: int = OPSET):
                  input_names=["images"], output_names=["logits"])
 
 
+def einsums_to_matmul(proto) -> int:
+  """Rewrite trailing-axis Einsums as MatMul (the same product, numpy broadcasting): onnxruntime's
+  Einsum ran SegNeXt's 1x1 convs at ~45% of the model's CPU time. Returns the count."""
+  count = 0
+  for node in proto.graph.node:
+    eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
+    m = MATMUL_EINSUM.match(eq) if node.op_type == "Einsum" else None
+    if m and m.group(3) not in m.group(1) + m.group(2):
+      node.op_type = "MatMul"
+      del node.attribute[:]
+      count += 1
+  return count
+
+
 def onnx_metadata(proto, meta: dict) -> None:
   """What a deployment needs besides the graph, as ONNX metadata_props."""
   mean, std = (a.astype(float).round(3).tolist() for a in (MEAN, STD))
@@ -85,6 +102,17 @@ def onnx_metadata(proto, meta: dict) -> None:
     entry.key, entry.value = k, str(v)
 
 
+def write_onnx(model: SegNeXt, variables: dict, meta: dict, out: Path, opset: int) -> None:
+  """export_onnx, its 1x1-conv Einsums as MatMul, metadata, and the oldest IR version that has the
+  opset (onnx writes its newest; IR 8 for opset 18 loads in onnxruntime >= 1.15)."""
+  import onnx
+  proto = export_onnx(model, variables, opset)
+  einsums_to_matmul(proto)
+  onnx_metadata(proto, meta)
+  proto.ir_version = onnx.helper.find_min_ir_version_for(proto.opset_import, ignore_unknown=True)
+  onnx.save(proto, out)
+
+
 def export_file(ckpt: str | Path, fmt: str, out: str | Path, opset: int = OPSET,
                 platforms: tuple[str, ...] | None = None) -> Path:
   """Load CKPT and write its `fmt` export to `out`."""
@@ -95,10 +123,7 @@ def export_file(ckpt: str | Path, fmt: str, out: str | Path, opset: int = OPSET,
   if fmt == "stablehlo":
     out.write_bytes(export_stablehlo(model, variables, platforms))
   else:
-    import onnx
-    proto = export_onnx(model, variables, opset)
-    onnx_metadata(proto, meta)
-    onnx.save(proto, out)
+    write_onnx(model, variables, meta, out, opset)
   return out
 
 

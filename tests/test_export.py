@@ -55,6 +55,8 @@ def onnx_session(exported):
 def test_onnx_matches_jax(exported, onnx_session, reference):
   import onnx
   onnx.checker.check_model(str(exported["onnx"]), full_check=True)
+  proto = onnx.load(str(exported["onnx"]))
+  assert proto.ir_version == 8 and proto.opset_import[0].version == 18  # onnxruntime >= 1.15
   (inp,), (out,) = onnx_session.get_inputs(), onnx_session.get_outputs()
   assert inp.name == "images" and inp.shape == ["b", "32*h", "32*w", 3]
   assert out.name == "logits" and out.shape == ["b", "4*h", "4*w", 150]
