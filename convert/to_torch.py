@@ -46,15 +46,17 @@ def mmseg_model_config(model: SegNeXt) -> dict[str, Any]:
 
 
 def torch_meta(model: SegNeXt, variables: dict, meta: dict[str, Any], step: int | None) -> dict:
-  """mmengine-style meta: cfg text, dataset_meta (if known) and our NMF rank and bases."""
+  """mmengine-style meta: cfg text (the segmentor, or the MSCAN of a backbone-only checkpoint),
+  dataset_meta (if known) and our NMF rank and bases."""
   import torch
   bases = variables.get(FIXED_BASES, {}).get("decode_head", {}).get("hamburger", {}).get("bases")
   ours = dict(variant=meta["variant"], model=meta.get("model", {}), nmf_rank=model.nmf_rank,
               nmf_bases=None if bases is None else torch.from_numpy(np.array(bases, np.float32)),
               nmf_bases_source=meta.get("nmf_bases"), step=step,
               num_batches_tracked=f"written as {convert_map.NUM_BATCHES_TRACKED} = 0 (not stored)")
-  out = dict(cfg="model = " + pprint.pformat(mmseg_model_config(model), sort_dicts=False),
-             segnext_jax=ours)
+  cfg = mmseg_model_config(model)
+  name, cfg = ("backbone", cfg["backbone"]) if meta.get("backbone_only") else ("model", cfg)
+  out = dict(cfg=f"{name} = " + pprint.pformat(cfg, sort_dicts=False), segnext_jax=ours)
   if meta.get("class_names"):
     out["dataset_meta"] = dict(classes=tuple(meta["class_names"]),
                                palette=[list(p) for p in meta.get("palette", [])])
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   ours = obj["meta"]["segnext_jax"]
-  print(f"variant {ours['variant']}, NMF rank {ours['nmf_rank']}: "
-        f"{len(obj['state_dict'])} tensors (mmseg 1.x keys); wrote {args.out}")
+  what = "MSCAN backbone" if ours["nmf_bases"] is None else f"NMF rank {ours['nmf_rank']}"
+  print(f"variant {ours['variant']}, {what}: {len(obj['state_dict'])} tensors (mmseg 1.x keys); "
+        f"wrote {args.out}")
   return 0
 
 

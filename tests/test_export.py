@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FP32_ATOL, TINY, TorchReference
+from conftest import FP32_ATOL, TINY, TorchReference, mmseg_segmentor_modules
 from export_helpers import (REPO, assert_same_classes, jax_reference, load_script, mmseg_from_pth,
                             mmseg_logits, padded_jpeg, random_variables)
 from segnext_jax.checkpoint import load_checkpoint
@@ -158,6 +158,20 @@ def test_to_torch_from_a_train_checkpoint(tmp_path):
   x = images(2, 64, 96)
   want = jax_reference(*load_checkpoint(tmp_path / "run"))(x)
   np.testing.assert_allclose(mmseg_logits(segmentor, obj, x), want, rtol=0, atol=FP32_ATOL)
+
+
+def test_backbone_only_round_trip(torch_ref_t, tmp_path):
+  """An ImageNet-style MSCAN .pth (bare keys) -> jax -> bare keys, loading strictly into MSCAN."""
+  import torch
+  sd = torch_ref_t.backbone.state_dict()
+  torch.save({"state_dict": sd}, tmp_path / "mscan.pth")
+  assert load_script("convert/from_torch").main([str(tmp_path / "mscan.pth"), "-o", str(tmp_path / "ck")]) == 0
+  assert load_script("convert/to_torch").main([str(tmp_path / "ck"), "-o", str(tmp_path / "b.pth")]) == 0
+  obj = torch.load(tmp_path / "b.pth", weights_only=True)
+  assert obj["meta"]["cfg"].startswith("backbone = {'type': 'MSCAN'")
+  assert list(obj["state_dict"]) == sorted(sd)
+  assert all(torch.equal(obj["state_dict"][k], t) for k, t in sd.items() if "num_batches" not in k)
+  mmseg_segmentor_modules("t")[0].load_state_dict(obj["state_dict"], strict=True)
 
 
 def test_cli_errors(tmp_path, capsys):
