@@ -9,6 +9,8 @@ import hashlib
 import pickle
 from pathlib import Path
 
+import numpy as np
+
 from segnext_jax import convert_map
 from segnext_jax.convert_map import ConversionError, Report
 from segnext_jax.model import abstract_variables, fixed_bases, segnext
@@ -33,6 +35,16 @@ def load_torch(path: Path, trust_pickle: bool = False):
 
 def _first_line(e: Exception) -> str:
   return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _stored_bases(obj, shape: tuple[int, int]):
+  """The fixed NMF bases a .pth written by convert/to_torch.py carries, if they fit the model."""
+  meta = obj.get("meta") if isinstance(obj, dict) else None
+  bases = (meta or {}).get("segnext_jax", {}).get("nmf_bases") if isinstance(meta, dict) else None
+  if bases is None or tuple(bases.shape) != shape:
+    return None
+  return np.asarray(bases.detach().cpu().float().numpy() if hasattr(bases, "detach") else bases,
+                    np.float32)
 
 
 def sha256(path: Path) -> str:
@@ -65,12 +77,17 @@ def convert_file(path: str | Path, variant: str | None = None, nmf_rank: int | N
   model = segnext(inferred, **model_kw)
   variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(model),
                                                       backbone_only=backbone_only)
+  stored = _stored_bases(obj, (model.head_channels, nmf_rank))
   if not backbone_only:
     variables.update(fixed_bases(model, nmf_seed))
+    if stored is not None:  # written by convert/to_torch.py: keep the model's own bases
+      variables["nmf_bases"]["decode_head"]["hamburger"]["bases"] = stored
   meta = dict(variant=inferred, model=model_kw, source_file=str(path.absolute()),
               source_sha256=sha256(path), source_format=fmt, backbone_only=backbone_only,
               ignored_keys=ignored, nmf_rank_source=rank_source,
-              nmf_bases=None if backbone_only else f"fixed, drawn from seed {nmf_seed}")
+              nmf_bases=None if backbone_only else (
+                  "fixed, stored in the .pth (meta['segnext_jax'])" if stored is not None
+                  else f"fixed, drawn from seed {nmf_seed}"))
   report = Report(fmt, inferred, num_classes, backbone_only, len(sd) - len(ignored), ignored,
                   nmf_rank, rank_source)
   return variables, meta, report
