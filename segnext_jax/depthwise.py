@@ -61,7 +61,7 @@ def _shift_bwd(res, g):
   # full-size buffer per tap) instead of fusing it into its reduction.
   def tap(_, t):
     xs = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (b, h, w, c))
-    return None, jnp.sum(xs * g, axis=(0, 1, 2), dtype=jnp.float32)
+    return None, jnp.sum(xs * g, axis=(0, 1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
   _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
   return gx, taps.reshape(kh, kw, c).astype(kernel.dtype)
 

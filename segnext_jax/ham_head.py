@@ -50,12 +50,13 @@ def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll") 
 
   `steps` multiplicative updates (6 train, 7 eval), a final coef update, then x ~ coef @ bases^T.
   grad='one_step' stops the gradient through the loop (Hamburger's one-step gradient).
-  Always computed in float32.
+  Computed in float32 (float64 for float64 inputs).
   """
   b, h, w, c = x.shape
   dtype = x.dtype
-  xf = x.reshape(b, h * w, c).astype(jnp.float32)                         # (B,N,D)
-  bases = bases.astype(jnp.float32)
+  ft = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.reshape(b, h * w, c).astype(ft)                                  # (B,N,D)
+  bases = bases.astype(ft)
   coef = jax.nn.softmax(jnp.einsum("bnd,bdr->bnr", xf, bases), axis=-1)   # inv_t = 1 in NMF2D
   x_loop = jax.lax.stop_gradient(xf) if grad == "one_step" else xf
   for _ in range(steps):
@@ -155,4 +156,5 @@ class LightHamHead(nn.Module):
         x, train=train, bases=nmf_bases)
     x = ConvGN(self.channels, dtype=self.dtype, name="align")(x)
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
-    return Conv1x1(self.num_classes, True, jnp.float32, CLS_INIT, name="conv_seg")(x)
+    logits_dtype = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 in float64
+    return Conv1x1(self.num_classes, True, logits_dtype, CLS_INIT, name="conv_seg")(x)

@@ -30,7 +30,8 @@ def gelu(x: jax.Array) -> jax.Array:
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d semantics: momentum 0.1, running_var updated with the UNBIASED variance.
 
-  Statistics are computed in float32 over every non-channel axis of the (global, under jit) batch.
+  Statistics are computed in float32 (float64 for float64 inputs) over every non-channel axis of
+  the (global, under jit) batch.
   """
   momentum: float = 0.1
   epsilon: float = BN_EPS
@@ -43,7 +44,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if train:
-      xf = x.astype(jnp.float32)
+      xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(xf, axes)
       var = jnp.mean(jnp.square(xf - mean), axes)
