@@ -53,13 +53,28 @@ def test_logits_are_stride_8_ceil(tiny, hw):
   assert y.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 150) and y.dtype == jnp.float32
 
 
-def test_same_nmf_key_is_bit_identical_and_keys_matter(tiny):
+def test_inference_uses_the_fixed_bases_training_draws_per_image(tiny):
+  """One image, one answer: in inference the stored bases are shared by every image whatever the
+  rng, batch or position; in training the 'nmf' key draws fresh per-image bases (mmseg)."""
   model, v = tiny
-  x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
-  f = jax.jit(lambda k: model.apply(v, x, rngs={"nmf": k}))
-  a, b, c = f(jax.random.key(7)), f(jax.random.key(7)), f(jax.random.key(8))
-  assert np.array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(a), np.asarray(c))
+  x = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
+  f = jax.jit(lambda x, k: model.apply(v, x, rngs={"nmf": k}))
+  a, b = f(x, jax.random.key(7)), f(x, jax.random.key(8))
+  assert np.array_equal(np.asarray(a), np.asarray(b))                       # rng ignored
+  fixed = np.asarray(v["nmf_bases"]["decode_head"]["hamburger"]["bases"])
+  given = jnp.broadcast_to(fixed, (3, *fixed.shape))
+  with_given = jax.jit(lambda x, g: model.apply(v, x, nmf_bases=g))(x, given)
+  np.testing.assert_array_equal(np.asarray(with_given), np.asarray(a))     # = the stored bases
+  single = jax.jit(lambda x: model.apply(v, x))(x[2:][::-1])                  # other batch size
+  np.testing.assert_allclose(np.asarray(single[0]), np.asarray(a[2]), atol=1e-5)
+  no_bases = {k: w for k, w in v.items() if k != "nmf_bases"}
+  with pytest.raises(ValueError, match="inference needs NMF bases"):
+    model.apply(no_bases, x)
+  train = jax.jit(lambda k: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                        rngs={"nmf": k, "dropout": jax.random.key(0)})[0])
+  t7, t7b, t8 = train(jax.random.key(7)), train(jax.random.key(7)), train(jax.random.key(8))
+  assert np.array_equal(np.asarray(t7), np.asarray(t7b))
+  assert not np.array_equal(np.asarray(t7), np.asarray(t8))
   bases = random_bases(jax.random.key(7), 1, model.head_channels, model.nmf_rank)
   np.testing.assert_allclose(np.linalg.norm(bases, axis=1), 1.0, rtol=1e-6)
 
