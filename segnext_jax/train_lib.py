@@ -1,7 +1,6 @@
-"""Training: mmseg's loss, the optax recipe, the sharded train step and the training loop."""
+"""Training: the train state, the sharded train step, run checkpoints and the training loop."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -19,114 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from segnext_jax import checkpoint
 from segnext_jax.config import TrainConfig, recipe_diff, to_json
 from segnext_jax.metric_writer import MetricWriter
+from segnext_jax.loss import seg_cross_entropy
 from segnext_jax.model import SegNeXt, init_variables, segnext
-from segnext_jax.resize import IGNORE_INDEX, bilinear_matrix
+from segnext_jax.optim import lr_schedule, make_optimizer
 
 log = logging.getLogger("segnext_jax.train")
-
-
-def _upsample(logits: jax.Array, ah: np.ndarray, aw: np.ndarray) -> jax.Array:
-  x = jnp.einsum("Hh,bhwk->bHwk", ah, logits)      # (B,H,w,K)
-  return jnp.einsum("Ww,bHwk->bHWk", aw, x)        # (B,H,W,K)
-
-
-@jax.custom_vjp
-def _upsampled_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  ah, aw = _matrices(logits, labels)
-  up = _upsample(logits, ah, aw)
-  valid = labels != IGNORE_INDEX
-  picked = jnp.take_along_axis(up, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(up, axis=-1) - picked
-  return jnp.sum(jnp.where(valid, nll, 0.0)) / labels.size
-
-
-def _matrices(logits, labels):
-  return (bilinear_matrix(labels.shape[1], logits.shape[1]),
-          bilinear_matrix(labels.shape[2], logits.shape[2]))
-
-
-def _upsampled_ce_fwd(logits, labels):
-  return _upsampled_ce(logits, labels), (logits, labels)
-
-
-def _upsampled_ce_bwd(res, g):
-  """Recompute the upsampled logits; d = (softmax - onehot) * valid * g / N, then the adjoint of
-  the upsampling. Keeps ~3 full-resolution (B,H,W,K) buffers instead of autodiff's ~12."""
-  logits, labels = res
-  ah, aw = _matrices(logits, labels)
-  up = _upsample(logits, ah, aw)
-  valid = (labels != IGNORE_INDEX)[..., None]
-  onehot = jnp.arange(up.shape[-1]) == labels[..., None]
-  d = (jax.nn.softmax(up, axis=-1) - onehot) * jnp.where(valid, g / labels.size, 0.0)
-  d = jnp.einsum("Ww,bHWk->bHwk", aw, d)
-  d = jnp.einsum("Hh,bHwk->bhwk", ah, d)
-  return d, np.zeros(labels.shape, jax.dtypes.float0)
-
-
-_upsampled_ce.defvjp(_upsampled_ce_fwd, _upsampled_ce_bwd)
-
-
-def seg_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """mmseg CrossEntropyLoss: logits (B,h,w,K) upsampled bilinearly (align_corners=False) to the
-  labels' (B,H,W) size, softmax CE, ignored pixels (255) count 0, averaged over ALL pixels
-  (avg_non_ignore=False). Memory-lean custom gradient."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  return _upsampled_ce(logits, labels.astype(jnp.int32))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer: mmseg paramwise_cfg as a table, and the LinearLR + PolyLR schedule
-
-# (substring of the torch-style parameter name, lr_mult, decay_mult); first match wins, in the
-# order mmengine applies custom_keys (longest key first: pos_block, then head, norm).
-# Quirk kept on purpose: matching is by substring, so the stem BNs (proj.1 / proj.4) and the
-# head's GroupNorms (gn) DO get weight decay, and all decode_head params get lr x10 with decay.
-PARAM_GROUPS: list[tuple[str, str, float]] = [
-    ("pos_block", "lr", 0.0),
-    ("head", "head_lr", 1.0),
-    ("norm", "lr", 0.0),
-]
-
-
-def param_name(path: tuple) -> str:
-  """Flax param path -> the name the mmseg rules match on (module names equal mmseg's)."""
-  return ".".join(getattr(p, "key", str(p)) for p in path)
-
-
-def param_group(name: str) -> tuple[str, float]:
-  """(lr group 'lr' | 'head_lr', decay_mult) for a parameter name."""
-  for key, lr_group, decay_mult in PARAM_GROUPS:
-    if key in name:
-      return lr_group, decay_mult
-  return "lr", 1.0
-
-
-def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """mmengine LinearLR(start_factor, begin=0, end=warmup) then PolyLR(power, eta_min=0,
-  begin=warmup, end=steps). mmengine spans end - begin - 1 steps: the warm-up reaches the base lr
-  at step warmup - 1 and the decay reaches 0 at step steps - 1."""
-  w, total = cfg.warmup_steps, cfg.steps
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = cfg.warmup_factor + (1.0 - cfg.warmup_factor) * jnp.minimum(step / max(w - 1, 1), 1.0)
-    frac = jnp.clip((step - w) / max(total - w - 1, 1), 0.0, 1.0)
-    poly = (1.0 - frac) ** cfg.poly_power
-    return cfg.lr * jnp.where(step < w, warm, poly)
-  return schedule
-
-
-def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
-  """AdamW per (lr group, decay) label via optax.multi_transform."""
-  sched = lr_schedule(cfg)
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: "%s|%g" % param_group(param_name(path)), params)
-  txs = {}
-  for label in set(jax.tree.leaves(labels)):
-    group, decay = label.split("|")
-    mult = cfg.head_lr_mult if group == "head_lr" else 1.0
-    txs[label] = optax.adamw(lambda s, m=mult: m * sched(s), cfg.b1, cfg.b2, eps=1e-8,
-                             weight_decay=cfg.weight_decay * float(decay))
-  return optax.multi_transform(txs, labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from conftest import TINY
 from segnext_jax import segnext
 from segnext_jax.depthwise import depthwise_conv2d
 from segnext_jax.model import abstract_variables
-from segnext_jax.train_lib import seg_cross_entropy
+from segnext_jax.loss import seg_cross_entropy
 
 STEP = 1e-5    # central-difference step along a unit-norm direction
 RTOL = 1e-6    # |g.v - fd| / |g|: measured <= 2e-8; a broken VJP (tried: shift, loss) >= 1e-3

@@ -88,7 +88,7 @@ def torch_train_step(ref: TorchReference, images: np.ndarray, labels: np.ndarray
 
 def test_train_mode_loss_and_grads_t(torch_ref_t, tmp_path):
   from segnext_jax import convert_map
-  from segnext_jax.train_lib import seg_cross_entropy
+  from segnext_jax.loss import seg_cross_entropy
   out = tmp_path / "converted"
   assert convert_cli(torch_ref_t.path, out).returncode == 0
   model, variables = load_checkpoint(out, dropout=0.0, drop_path=0.0)

@@ -17,7 +17,8 @@ from conftest import TINY, mmseg_segmentor_modules
 from segnext_jax import convert_map, segnext
 from segnext_jax.config import PRESETS, TrainConfig, make_config
 from segnext_jax.model import abstract_variables
-from segnext_jax.train_lib import lr_schedule, param_group, param_name, train_and_evaluate
+from segnext_jax.optim import lr_schedule, param_group, param_name
+from segnext_jax.train_lib import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
