@@ -70,7 +70,7 @@ def inference_rows(variant: str, batches, size: int, runs: int, tmp: Path, devic
     for dtype in ("fp32", "bf16"):
       model = segnext(variant, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
       bases = np.asarray(variables["nmf_bases"]["decode_head"]["hamburger"]["bases"])
-      bases_b = np.ascontiguousarray(np.broadcast_to(bases, (batch, *bases.shape)))
+      bases_b = np.array(np.broadcast_to(bases, (batch, *bases.shape)))
       fwd = jax.jit(lambda v, x: model.apply(v, x))
       tfwd = torch_forward(ref, bases_b, device, dtype == "bf16")
       out = np.asarray(jax.block_until_ready(fwd(variables, xj)), np.float32)
