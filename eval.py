@@ -46,7 +46,7 @@ def build_parser():
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
-  from segnext_jax.data.datasets import make_dataset
+  from segnext_jax.data.datasets import check, make_dataset
   from segnext_jax.eval_lib import evaluate
   from segnext_jax.inference import Predictor
   try:
@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     if data is None:
       raise ValueError("--data is required for a converted checkpoint")
     dataset = make_dataset(data, "val")
+    check(dataset)  # every file readable and labels in range, before any compute
     if dataset.num_classes != run.model.num_classes:
       raise ValueError(f"the model predicts {run.model.num_classes} classes, {data} has "
                        f"{dataset.num_classes}")

@@ -38,8 +38,14 @@ def evaluate(predictor: Predictor, variables: dict, dataset, max_images: int = 0
 
 
 def _per_image(predictor: Predictor, variables: dict, dataset, indices, pool, ahead: int):
-  """(classes, label) per image, any mode (slide, TTA)."""
-  for img, label in _prefetch(pool, dataset.__getitem__, indices, ahead):
+  """(classes, label) per image, any mode (slide, TTA); each image's programs start compiling
+  in the background as soon as it is loaded."""
+  def load(i):
+    img, label = dataset[i]
+    predictor.warm(variables, img.shape[:2])
+    return img, label
+
+  for img, label in _prefetch(pool, load, indices, ahead):
     yield predictor.classes(variables, img), label
 
 
@@ -68,8 +74,8 @@ def _run_batch(predictor: Predictor, variables: dict, items: list) -> Iterator:
   pad = min(1 << (len(items) - 1).bit_length(), predictor.cfg.batch_size) - len(items)
   images = np.stack([it[0] for it in items] + [np.zeros_like(items[0][0])] * pad)
   logits = predictor.logits(variables, images)
-  for (_, valid, ori, label), lg in zip(items, logits):
-    yield np.asarray(to_original(lg, valid, ori, out="argmax"))[:ori[0], :ori[1]], label
+  for i, (_, valid, ori, label) in enumerate(items):
+    yield np.asarray(to_original(logits, valid, ori, out="argmax", index=i))[:ori[0], :ori[1]], label
 
 
 def _prefetch(pool: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:

@@ -7,8 +7,11 @@ argument of every call, so one predictor serves every evaluation of a training r
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
+import os
+import threading
 from typing import Callable, Literal
 
 import jax
@@ -80,13 +83,14 @@ def _windows(h: int, w: int, crop: Size, stride: Size):
 
 
 def to_original(logits: jax.Array, valid: Size, ori: Size, flip: bool = False,
-                out: Output = "logits") -> jax.Array:
-  """(H, W, K) view logits -> crop the padding to `valid`, undo a horizontal flip, resize (torch
-  bilinear) to `ori`; then optionally softmax or argmax. On the device, and padded with junk to
-  multiples of BUCKET: crop [:ori[0], :ori[1]] after the last step."""
+                out: Output = "logits", index: int | None = None) -> jax.Array:
+  """(H, W, K) view logits (or item `index` of a (B, H, W, K) batch) -> crop the padding to
+  `valid`, undo a horizontal flip, resize (torch bilinear) to `ori`; then optionally softmax or
+  argmax. On the device, padded with junk to multiples of BUCKET: crop [:ori[0], :ori[1]] last."""
   rows = _taps(ori[0], valid[0], flip=False)
   cols = _taps(ori[1], valid[1], flip=flip)
-  return _gather_resize(jnp.asarray(logits), *rows, *cols, out=out)
+  batch = jnp.asarray(logits) if index is not None else jnp.asarray(logits)[None]
+  return _gather_resize(batch, np.int32(index or 0), *rows, *cols, out=out)
 
 
 def _taps(n_out: int, n_in: int, flip: bool):
@@ -99,7 +103,8 @@ def _taps(n_out: int, n_in: int, flip: bool):
 
 
 @functools.partial(jax.jit, static_argnames="out")
-def _gather_resize(x, i0h, i1h, lh, i0w, i1w, lw, *, out: Output):
+def _gather_resize(batch, index, i0h, i1h, lh, i0w, i1w, lw, *, out: Output):
+  x = batch[index]                                                                 # (H, W, K)
   x = x[i0h] * (1 - lh)[:, None, None] + x[i1h] * lh[:, None, None]                # (Ho, W, K)
   x = x[:, i0w] * (1 - lw)[None, :, None] + x[:, i1w] * lw[None, :, None]          # (Ho, Wo, K)
   if out == "softmax":
@@ -109,24 +114,67 @@ def _gather_resize(x, i0h, i1h, lh, i0w, i1w, lw, *, out: Output):
 
 class Predictor:
   """An InferenceConfig bound to a jitted forward (one program per input shape, reused across
-  calls and evaluations). Holds no variables: every method takes them."""
+  calls and evaluations). Holds no variables: every method takes them.
 
-  def __init__(self, apply_fn: ApplyFn, cfg: InferenceConfig = InferenceConfig()):
+  `warm(variables, hw)` compiles the programs an image of that size will need in background
+  threads (`compile_threads`), so that compiling overlaps running; evaluate() warms each image
+  as it is loaded, ahead of the device."""
+
+  def __init__(self, apply_fn: ApplyFn, cfg: InferenceConfig = InferenceConfig(),
+               compile_threads: int | None = None):
     self.cfg = cfg
     self.logits_fn = jax.jit(logits_at_input(apply_fn))
+    self._threads = compile_threads or max(1, (os.cpu_count() or 1) // 4)
+    self._pending: dict[tuple, cf.Future] = {}
+    self._lock = threading.Lock()
+    self._pool: cf.ThreadPoolExecutor | None = None
 
   @classmethod
-  def for_model(cls, model, cfg: InferenceConfig = InferenceConfig()) -> "Predictor":
-    return cls(model_apply(model), cfg)
+  def for_model(cls, model, cfg: InferenceConfig = InferenceConfig(),
+                compile_threads: int | None = None) -> "Predictor":
+    return cls(model_apply(model), cfg, compile_threads)
 
   def logits(self, variables: dict, images: np.ndarray) -> jax.Array:
     """(B, H, W, 3) prepared views -> (B, H, W, K) logits at the input size (whole or slide)."""
     if self.cfg.mode == "whole":
-      return self.logits_fn(variables, jnp.asarray(images))
+      return self._forward(variables, images)
     if self.cfg.mode == "slide":
-      return jnp.asarray(np.stack([slide_logits(self.logits_fn, variables, x, self.cfg.crop,
+      return jnp.asarray(np.stack([slide_logits(self._forward, variables, x, self.cfg.crop,
                                                 self.cfg.stride) for x in images]))
     raise ValueError(f"unknown inference mode {self.cfg.mode!r}; expected 'whole' or 'slide'")
+
+  def _forward(self, variables: dict, images: np.ndarray) -> jax.Array:
+    with self._lock:
+      pending = self._pending.get(images.shape)
+    if pending is not None:
+      pending.result()  # compiled (or compiling) in the background: wait rather than compile twice
+    return self.logits_fn(variables, np.asarray(images, np.float32))
+
+  def input_shapes(self, hw: Size) -> list[tuple[int, ...]]:
+    """The (B, H, W, 3) inputs the forward sees for an (h, w) image (one per view group in
+    whole mode, the windows in slide mode)."""
+    shapes = []
+    for group in _same_shape(self.cfg.views(hw)):
+      h, w = views_lib.ceil_to(group[0].shape, self.cfg.size_divisor)
+      if self.cfg.mode == "whole":
+        shapes.append((len(group), h, w, 3))
+      else:
+        shapes += [(1, y2 - y1, x2 - x1, 3) for y1, y2, x1, x2 in
+                   _windows(h, w, self.cfg.crop, self.cfg.stride)]
+    return list(dict.fromkeys(shapes))
+
+  def warm(self, variables: dict, hw: Size) -> None:
+    """Start compiling, in the background, the programs an (h, w) image needs (new shapes only)."""
+    with self._lock:
+      if self._pool is None:
+        self._pool = cf.ThreadPoolExecutor(self._threads, thread_name_prefix="segnext-compile")
+      for shape in self.input_shapes(hw):
+        if shape not in self._pending:
+          self._pending[shape] = self._pool.submit(self._compile, variables, shape)
+
+  def _compile(self, variables: dict, shape: tuple[int, ...]) -> None:
+    # jit(f).lower().compile() fills the caches that the later jit(f)(...) call reads.
+    self.logits_fn.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
 
   def merged(self, variables: dict, img: np.ndarray) -> jax.Array:
     """Logits (single view) or mean softmax (TTA) at img's size, padded to BUCKET multiples."""
@@ -136,8 +184,8 @@ class Predictor:
     for group in _same_shape(views):  # a scale's unflipped and flipped views run as one batch
       prepared = [views_lib.prepare(img, v, self.cfg.size_divisor) for v in group]
       logits = self.logits(variables, np.stack([p[0] for p in prepared]))
-      for lg, (_, valid), view in zip(logits, prepared, group):
-        s = to_original(lg, valid, ori, view.flip, out)
+      for i, ((_, valid), view) in enumerate(zip(prepared, group)):
+        s = to_original(logits, valid, ori, view.flip, out, index=i)
         total = s if total is None else total + s
     return total / len(views)
 

@@ -166,3 +166,17 @@ def test_evaluate_is_deterministic_batched_and_compiles_per_shape(t_variables):
                           img.shape[:2])
     np.testing.assert_allclose(np.asarray(batched)[:img.shape[0], :img.shape[1]],
                                single.scores(variables, img), atol=1e-5)
+
+
+def test_warm_compiles_each_input_shape_once_in_the_background(t_variables):
+  model, variables = six_class_model(t_variables)
+  traced = []
+  pred = Predictor(counting(model, traced), InferenceConfig(tta=True), compile_threads=1)
+  img = VariedSizes(1)[0][0][:20, :20]
+  shapes = pred.input_shapes(img.shape[:2])
+  assert shapes == [(2, 32, 32, 3), (2, 64, 64, 3)]  # views 10..30 px pad to 32, 35 px to 64
+  pred.warm(variables, img.shape[:2])
+  pred.warm(variables, img.shape[:2])  # already compiling: nothing new
+  scores = pred.scores(variables, img)
+  assert sorted(traced) == sorted(shapes)  # each traced (and compiled) once, none by scores()
+  np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-5)
