@@ -99,13 +99,13 @@ def train_rows(variant: str, batch: int, size: int, runs: int) -> list:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dry-run", action="store_true", help="toy sizes (T only, 64 px, batch 1/2)")
+  p.add_argument("--dry-run", action="store_true", help="toy sizes (T only, 64 px, batch 2)")
   p.add_argument("--runs", type=int, default=10)
   args = p.parse_args()
   import torch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if args.dry_run:
-    variants, batches, size, train_batch, runs = ("t",), (1, 2), 64, 2, 1
+    variants, batches, size, train_batch, runs = ("t",), (2,), 64, 2, 1
   else:
     variants, batches, size, train_batch, runs = ("t", "l"), (1, 16), 512, 16, args.runs
   rows = []
