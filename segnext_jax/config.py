@@ -62,8 +62,9 @@ class TrainConfig:
 
 # Fields that change how a run is watched or stored, not what it computes: a resumed run may
 # change them (and the step budget); any other difference from the saved config is refused.
+# `pretrained` only sets the initial weights, which a resumed run takes from its checkpoint.
 RUNTIME_FIELDS = ("steps", "workdir", "eval_every", "eval_images", "ckpt_every", "keep_ckpts",
-                  "log_every", "workers")
+                  "log_every", "workers", "pretrained")
 
 # Named presets: overlays on the defaults above, one per dataset kind, from the dataset table
 # (segnext_jax/data/datasets.py DATASET_DEFAULTS, which cites each source config). 'ade20k' is

@@ -156,7 +156,8 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   variables = init_variables(model, jax.random.key(cfg.seed))
-  if cfg.pretrained:
+  resuming = (workdir / checkpoint.SUBDIR).is_dir() and any((workdir / checkpoint.SUBDIR).iterdir())
+  if cfg.pretrained and not resuming:  # a resumed run takes every weight from its checkpoint
     from segnext_jax.pretrained import load_pretrained
     variables, report = load_pretrained(cfg.pretrained, variables, cfg.variant)
     log.warning("pretrained %s: %s", cfg.pretrained, report.summary())

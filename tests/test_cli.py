@@ -1,7 +1,9 @@
 """train.py -> eval.py -> predict.py on a tiny synthetic run (in-process, tiny variant)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -23,18 +25,22 @@ def load_script(name: str):
   return mod
 
 
-@pytest.fixture
-def workdir(tmp_path):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """One tiny run shared by this module's tests (the last one resumes it)."""
   train = load_script("train")
-  wd = tmp_path / "run"
-  train.main([f"--model-overrides={json.dumps(TINY)}", "--steps=3", "--batch_size=2", "--crop_size=64",
-              "--resize_scale", "128", "64", "--eval_every=3", "--eval_images=4", f"--workdir={wd}",
-              "--warmup_steps=1", "--workers=1"])
+  wd = tmp_path_factory.mktemp("cli") / "run"
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    train.main(["--log-every=1", f"--model-overrides={json.dumps(TINY)}", "--steps=3", "--batch_size=2", "--crop_size=64",
+                "--resize_scale", "128", "64", "--eval_every=3", "--eval_images=4", f"--workdir={wd}",
+                "--warmup_steps=1", "--workers=1"])
+  (wd.parent / "train_stdout.txt").write_text(out.getvalue())
   return wd
 
 
 def test_train_eval_predict_roundtrip(capsys, workdir, tmp_path):
-  out = capsys.readouterr().out
+  out = (workdir.parent / "train_stdout.txt").read_text()
   assert "final (step 3): val mIoU" in out
   model, variables = load_checkpoint(workdir)
   assert model.num_classes == 6 and "conv_seg" in variables["params"]["decode_head"]
@@ -111,4 +117,4 @@ def test_metrics_on_disk_config_replay_and_recipe_guard(workdir, capsys):
                          "--log_every", "1"]) == 0
   assert [r["step"] for r in metric_writer.read(workdir) if r["split"] == "train"] == [1, 2, 3, 4]
   replay = json.loads(saved.read_text())
-  assert replay["steps"] == 4 and replay["model_overrides"] == {k: list(v) for k, v in TINY.items()}
+  assert replay["steps"] == 4 and replay["model_overrides"] == json.loads(json.dumps(TINY))

@@ -53,10 +53,13 @@ def test_logits_are_stride_8_ceil(tiny, hw):
   assert y.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 150) and y.dtype == jnp.float32
 
 
-def test_inference_uses_the_fixed_bases_training_draws_per_image(tiny):
+def test_inference_uses_the_fixed_bases_training_draws_per_image():
   """One image, one answer: in inference the stored bases are shared by every image whatever the
   rng, batch or position; in training the 'nmf' key draws fresh per-image bases (mmseg)."""
-  model, v = tiny
+  from conftest import TINY
+  from segnext_jax import init_variables
+  model = segnext("t", **TINY)
+  v = init_variables(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
   f = jax.jit(lambda x, k: model.apply(v, x, rngs={"nmf": k}))
   a, b = f(x, jax.random.key(7)), f(x, jax.random.key(8))
