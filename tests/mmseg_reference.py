@@ -124,3 +124,19 @@ class TorchReference:
       logits = self.head(feats)
     to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
     return [to_nhwc(f) for f in feats], to_nhwc(logits)
+
+
+def train_mode_copies(backbone, head, dtype=None):
+  """Deep copies of the reference's backbone and head in training mode with DropPath and
+  Dropout2d off (deterministic), optionally cast (e.g. torch.float64)."""
+  import copy
+  backbone, head = copy.deepcopy(backbone), copy.deepcopy(head)
+  if dtype is not None:
+    backbone, head = backbone.to(dtype), head.to(dtype)
+  for m in backbone.modules():
+    if hasattr(m, "drop_prob"):
+      m.drop_prob = 0.0
+  head.dropout = None
+  backbone.train()
+  head.train()
+  return backbone, head

@@ -2,7 +2,6 @@
 image's answer independent of order, batch size and run; the bases in use are reported."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,19 +11,14 @@ import numpy as np
 import pytest
 
 from mmseg_eval import ADE_VAL3
+from conftest import TINY
+from test_cli import load_script
 from segnext_jax import init_variables, segnext
 from segnext_jax.checkpoint import save_converted
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32)
+SMALL = TINY
 IMAGES = sorted((ADE_VAL3 / "images" / "validation").glob("*.jpg"))
-
-
-def load_script(name: str):
-  spec = importlib.util.spec_from_file_location(f"segnext_cli_{name}", REPO / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.fixture(scope="module")

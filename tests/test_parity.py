@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -61,15 +60,9 @@ def test_parity_all_variants_333x479(variant, tmp_path):
 
 def torch_train_step(ref: TorchReference, images: np.ndarray, labels: np.ndarray, bases: np.ndarray):
   """mmseg training forward (BN batch stats, 6 NMF steps, no dropout) -> loss, grads, BN stats."""
-  import copy
   import torch
-  backbone, head = copy.deepcopy(ref.backbone), copy.deepcopy(ref.head)
-  for m in backbone.modules():
-    if hasattr(m, "drop_prob"):
-      m.drop_prob = 0.0
-  head.dropout = None
-  backbone.train()
-  head.train()
+  from mmseg_reference import train_mode_copies
+  backbone, head = train_mode_copies(ref.backbone, ref.head)
   b = torch.from_numpy(bases.copy())
   head.hamburger.ham._build_bases = lambda B, S, D, R, device=None: b.clone()
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -12,7 +12,6 @@ Depthwise backend 'lax' (compiles in minutes for L; 'shift' is checked in test_g
 """
 from __future__ import annotations
 
-import copy
 import types
 
 import jax
@@ -85,13 +84,8 @@ def torch_train_step(backbone, head, images, labels, bases, dtype, gates=None):
   import torch
   from mmengine.structures import PixelData
   from mmseg.structures import SegDataSample
-  backbone, head = copy.deepcopy(backbone).to(dtype), copy.deepcopy(head).to(dtype)
-  for m in backbone.modules():
-    if hasattr(m, "drop_prob"):
-      m.drop_prob = 0.0
-  head.dropout = None
-  backbone.train()
-  head.train()
+  from mmseg_reference import train_mode_copies
+  backbone, head = train_mode_copies(backbone, head, dtype)
   pre = {}
   capture_preacts(head, pre)
   if gates is not None:
