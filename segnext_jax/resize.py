@@ -1,12 +1,17 @@
 """torch's bilinear resize (F.interpolate, align_corners=False, no antialiasing), in one place.
 
 Three forms of the same arithmetic: `resize_bilinear` (in the graph, the head's feature
-alignment), `bilinear_matrix` (a dense (out, in) operator: the loss's upsampling and its
-adjoint), and `bilinear_taps` (two source indices and a weight per output: eval's gather resize).
+alignment), `bilinear_matrix` (a dense (out, in) operator) and its banded form `Band` (a few
+source indices and weights per output: the loss's upsampling and its adjoint, gathers that
+fuse instead of matmuls that read every source row), and `bilinear_taps` (two source indices
+and a weight per output: eval's gather resize).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = 255  # label value that counts neither in the loss nor in the metrics (mmseg)
@@ -35,3 +40,38 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   if tuple(x.shape[1:3]) == tuple(size):
     return x
   return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear", antialias=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+  """A linear map along one axis whose output i reads inputs start[i] .. start[i] + width - 1
+  with weights[i]: the banded form of a dense (n_out, n_in) matrix with contiguous row support."""
+  start: np.ndarray    # (n_out,) int32
+  weights: np.ndarray  # (n_out, width) float32
+
+  @classmethod
+  def from_matrix(cls, m: np.ndarray) -> "Band":
+    nz = m != 0
+    first = np.where(nz.any(1), nz.argmax(1), 0)
+    last = np.where(nz.any(1), m.shape[1] - 1 - nz[:, ::-1].argmax(1), 0)
+    width = int((last - first).max()) + 1
+    start = np.minimum(first, m.shape[1] - width)  # keep the window inside the input
+    cols = start[:, None] + np.arange(width)
+    return cls(start.astype(np.int32), np.take_along_axis(m, cols, 1).astype(np.float32))
+
+  def apply(self, x: jax.Array, axis: int) -> jax.Array:
+    """y[.., i, ..] = sum_l weights[i, l] * x[.., start[i] + l, ..] along `axis`."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    out = None
+    for l in range(self.weights.shape[1]):
+      term = jnp.take(x, self.start + l, axis=axis) * self.weights[:, l].astype(x.dtype).reshape(shape)
+      out = term if out is None else out + term
+    return out
+
+
+def bilinear_bands(n_out: int, n_in: int) -> tuple[Band, Band]:
+  """torch's bilinear resize along one axis (n_in -> n_out, 2 taps) and its adjoint (n_out ->
+  n_in, about 2 n_out / n_in + 2 taps), both banded."""
+  m = bilinear_matrix(n_out, n_in)
+  return Band.from_matrix(m), Band.from_matrix(np.ascontiguousarray(m.T))
