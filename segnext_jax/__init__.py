@@ -1,4 +1,8 @@
 """SegNeXt in JAX/Flax: MSCAN + LightHamHead, mmseg checkpoint import, training and evaluation."""
+from segnext_jax import cpu_memory
+
+cpu_memory.keep_freed_memory()  # first, before JAX starts threads: see cpu_memory.py
+
 from segnext_jax.ham_head import LightHamHead, Hamburger, nmf2d, random_bases
 from segnext_jax.model import VARIANTS, SegNeXt, segnext, init_variables
 from segnext_jax.mscan import MSCAN

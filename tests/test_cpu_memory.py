@@ -1,0 +1,57 @@
+"""The malloc policy of segnext_jax.cpu_memory: a process that imports segnext_jax reuses freed
+step-sized buffers instead of page-faulting fresh ones; opting out or importing late does not."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Allocate, touch and free a 256 MB buffer twice; report the page faults of the second round.
+PROBE = r"""
+import ctypes, json, resource, sys
+{before}
+import segnext_jax
+from segnext_jax import cpu_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 << 20
+def round_trip():
+  p = libc.malloc(n)
+  ctypes.memset(p, 1, n)
+  libc.free(p)
+round_trip()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_trip()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+print(json.dumps({{"applied": cpu_memory.applied, "faults": faults}}))
+"""
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc policy")
+
+
+def probe(before: str = "", **env) -> dict:
+  out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], capture_output=True,
+                       text=True, env={**os.environ, **env}, check=True)
+  return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
+
+
+def test_import_keeps_freed_memory():
+  got = probe()
+  assert got["applied"]
+  assert got["faults"] < 1000, got  # 256 MB of 4 KiB pages would be 65536 faults
+
+
+def test_opt_out_and_glibc_default_fault_every_round():
+  got = probe(SEGNEXT_JAX_MALLOC="system")
+  assert not got["applied"]
+  assert got["faults"] > 30000, got
+
+
+def test_jax_used_first_warns_and_leaves_malloc_alone():
+  got = probe(before="import jax.numpy as jnp; jnp.ones(2).block_until_ready()")
+  assert not got["applied"]
+  assert "import segnext_jax before using JAX" in got["stderr"]
