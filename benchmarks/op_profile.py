@@ -2,7 +2,7 @@
 CPU, each executed XLA op mapped through the compiled HLO's metadata to the model part it comes
 from, and summed per part (and per kind of op).
 
-  python benchmarks/profile.py [--what train|infer] [--variant t] [--batch 2] [--size 512]
+  python benchmarks/op_profile.py [--what train|infer] [--variant t] [--batch 2] [--size 512]
 
 Parts: forward/backward of the MSCA depthwise convs (dw5x5 + strips), the MLP's dw3x3, the 1x1
 convs and stem/patch convs, BN/GELU/LayerNorm/residual elementwise work, the head (Hamburger's
