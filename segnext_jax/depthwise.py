@@ -50,10 +50,21 @@ def _shift_fwd(x, kernel):
 
 def _shift_bwd(res, g):
   x, kernel = res
-  kh, kw, c = kernel.shape
-  b, h, w = x.shape[:3]
+  kh, kw, _ = kernel.shape
   # d/dx of a correlation with odd symmetric padding is the correlation with the flipped kernel.
   gx = _shift_conv(g, kernel[::-1, ::-1]).astype(x.dtype)
+  return gx, _kernel_grad(x, g, kh, kw).astype(kernel.dtype)
+
+
+KERNEL_GRAD_ROWS = 8  # rows per scan step of the strip-wise kernel gradient (best of 4-128)
+STRIPWISE_MAX_TAPS = 9  # the MLP's 3x3; MSCA's 5x5 and strips are faster one pass per tap
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+  """d kernel[i, j, c] = sum over (b, y, x) of xpad[b, y + i, x + j, c] * g[b, y, x, c]."""
+  if kh * kw <= STRIPWISE_MAX_TAPS:
+    return _kernel_grad_stripwise(x, g, kh, kw)
+  b, h, w, c = x.shape
   (pt, pb), (pl, pr) = _pads(kh, kw)
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
 
@@ -63,7 +74,33 @@ def _shift_bwd(res, g):
     xs = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (b, h, w, c))
     return None, jnp.sum(xs * g, axis=(0, 1, 2), dtype=jnp.promote_types(x.dtype, jnp.float32))
   _, taps = lax.scan(tap, None, jnp.arange(kh * kw))
-  return gx, taps.reshape(kh, kw, c).astype(kernel.dtype)
+  return taps.reshape(kh, kw, c)
+
+
+def _kernel_grad_stripwise(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+  """The same sums from a scan over strips of KERNEL_GRAD_ROWS rows of one image: each tap's
+  product-sum is taken while the strip sits in cache, instead of a pass over the map per tap
+  (the 3x3 on a (2,128,128,256) map: 31 -> 16 ms; for strips of 21 taps the per-step overhead
+  loses). Rows past the map are zero in g: they add 0."""
+  b, h, w, c = x.shape
+  rows = min(KERNEL_GRAD_ROWS, h)
+  n = -(-h // rows)
+  (pt, pb), (pl, pr) = _pads(kh, kw)
+  extra = n * rows - h
+  xp = jnp.pad(x, ((0, 0), (pt, pb + extra), (pl, pr), (0, 0)))
+  gp = jnp.pad(g, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else g
+  acc_t = jnp.promote_types(x.dtype, jnp.float32)
+
+  def strip(acc, t):
+    bi, y0 = t // n, (t % n) * rows
+    xs = lax.dynamic_slice(xp, (bi, y0, 0, 0), (1, rows + kh - 1, w + kw - 1, c))
+    gs = lax.dynamic_slice(gp, (bi, y0, 0, 0), (1, rows, w, c))
+    taps = [jnp.sum(xs[:, i:i + rows, j:j + w] * gs, axis=(0, 1, 2), dtype=acc_t)
+            for i in range(kh) for j in range(kw)]
+    return acc + jnp.stack(taps), None
+
+  acc, _ = lax.scan(strip, jnp.zeros((kh * kw, c), acc_t), jnp.arange(b * n))
+  return acc.reshape(kh, kw, c)
 
 
 _shift_conv_vjp.defvjp(_shift_fwd, _shift_bwd)
