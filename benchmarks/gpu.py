@@ -85,10 +85,11 @@ def inference_rows(variant: str, batches, size: int, runs: int, tmp: Path, devic
 def train_rows(variant: str, batch: int, size: int, runs: int) -> list:
   """Each side in its own process (train_step.py), so each peak memory is its own."""
   res = {}
-  for side in ("jax", "torch"):
+  for side in ("jax", "torch"):  # torch as mmseg users run it: glibc's own malloc
+    env = {**os.environ, "SEGNEXT_JAX_MALLOC": "system"} if side == "torch" else None
     out = subprocess.run([sys.executable, str(HERE / "train_step.py"), "--variant", variant,
                           "--batch", str(batch), "--size", str(size), "--runs", str(runs),
-                          "--side", side], capture_output=True, text=True)
+                          "--side", side], capture_output=True, text=True, env=env)
     if out.returncode:
       sys.exit(f"train step {side} failed:\n{out.stderr[-3000:]}")
     res[side] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -3,12 +3,18 @@ vs mmseg torch (same model size, same batch, AdamW), one run; each side in its o
 peak RSS is its own.
 
   python benchmarks/train_step.py [--variant t] [--batch 2] [--size 512] [--runs 5]
-On a GPU, JAX's peak is the device's peak bytes in use.
+
+The JAX side is a plain process that imports segnext_jax (so it runs with segnext_jax.cpu_memory's
+malloc policy); the torch side is mmseg as its users run it, glibc's default malloc. A third row
+runs torch under our malloc policy too: the policy is not JAX-specific, and that row shows what
+it is worth to torch. GFLOP/s is XLA's FLOP count of the step over its time, next to the rate of
+a large jitted matmul (the machine's practical limit). On a GPU, peak memory is the device's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -16,7 +22,7 @@ import time
 
 import numpy as np
 
-from inference import median_ms  # benchmarks/ is on sys.path when run as a script
+from inference import matmul_gflops, median_ms, program_gflop  # benchmarks/ is on sys.path
 
 
 def run_jax(args) -> dict:
@@ -35,6 +41,7 @@ def run_jax(args) -> dict:
   step = jit_train_step(cfg, mesh)
   key = jax.random.key(1)
   t0 = time.perf_counter()
+  gflop = program_gflop(step, state, batch, key)
   state, m = step(state, batch, key)
   jax.block_until_ready(m)
   compile_s = time.perf_counter() - t0
@@ -47,7 +54,8 @@ def run_jax(args) -> dict:
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform == "gpu" else None
   peak = stats["peak_bytes_in_use"] / 2**30 if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  return {"ms": ms, "compile_s": compile_s, "peak_gb": peak, "device": dev.device_kind}
+  return {"ms": ms, "compile_s": compile_s, "peak_gb": peak, "device": dev.device_kind,
+          "gflop": gflop, "matmul_gflops": matmul_gflops()}
 
 
 def run_torch(args) -> dict:
@@ -92,21 +100,30 @@ def main() -> None:
     print(json.dumps(run_jax(args) if args.side == "jax" else run_torch(args)))
     return
   res = {}
-  for side in ("jax", "torch"):
+  system = {**os.environ, "SEGNEXT_JAX_MALLOC": "system"}
+  for name, side, env in (("jax", "jax", os.environ), ("torch", "torch", system),
+                          ("torch_policy", "torch", os.environ)):
     out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     if out.returncode:
-      sys.exit(f"{side} side failed:\n{out.stderr[-3000:]}")
-    res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-  j, t = res["jax"], res["torch"]
+      sys.exit(f"{name} side failed:\n{out.stderr[-3000:]}")
+    res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+  j, t, tp = res["jax"], res["torch"], res["torch_policy"]
   print(f"SegNeXt-{args.variant.upper()} train step, batch {args.batch}x3x{args.size}x{args.size}, "
         f"{args.precision}{', remat' if args.remat else ''}, nmf grad {args.nmf_grad}; "
         f"device {j['device']}; median of {args.runs}")
-  print("| framework | ms/step | images/s | peak memory GB | compile s |")
-  print("|---|---|---|---|---|")
-  print(f"| JAX (jit) | {j['ms']:.0f} | {1e3 * args.batch / j['ms']:.2f} | {j['peak_gb']:.2f} | {j['compile_s']:.0f} |")
-  print(f"| mmseg torch | {t['ms']:.0f} | {1e3 * args.batch / t['ms']:.2f} | {t['peak_gb']:.2f} | - |")
-  print(f"speed ratio torch/JAX: {t['ms'] / j['ms']:.2f}x")
+  rate = j["gflop"] / (j["ms"] * 1e-3)
+  print(f"machine limit: jitted 2048^2 float32 matmul {j['matmul_gflops']:.0f} GFLOP/s; "
+        f"the step is {j['gflop']:.1f} GFLOP (XLA cost analysis)")
+  print("| framework | ms/step | images/s | torch/this | GFLOP/s (of matmul's) | peak memory GB | compile s |")
+  print("|---|---|---|---|---|---|---|")
+  print(f"| JAX (jit), segnext_jax imported | {j['ms']:.0f} | {1e3 * args.batch / j['ms']:.2f} | "
+        f"{t['ms'] / j['ms']:.2f}x | {rate:.0f} ({100 * rate / j['matmul_gflops']:.0f}%) | "
+        f"{j['peak_gb']:.2f} | {j['compile_s']:.0f} |")
+  print(f"| mmseg torch (glibc malloc) | {t['ms']:.0f} | {1e3 * args.batch / t['ms']:.2f} | 1.00x | - | "
+        f"{t['peak_gb']:.2f} | - |")
+  print(f"| mmseg torch under segnext_jax's malloc policy | {tp['ms']:.0f} | "
+        f"{1e3 * args.batch / tp['ms']:.2f} | {t['ms'] / tp['ms']:.2f}x | - | {tp['peak_gb']:.2f} | - |")
 
 
 if __name__ == "__main__":
