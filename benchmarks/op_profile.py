@@ -126,7 +126,8 @@ def main() -> None:
   for op, (ms, _) in ops.items():
     meta = names.get(op, "")
     direction = "bwd" if "transpose(" in meta or part_of(meta) == OPTIMIZER else "fwd"
-    parts[(part_of(meta), direction if args.what == "train" else "fwd")] += ms
+    part = part_of(meta) if args.what == "train" or "SegNeXt" in meta else "other"
+    parts[(part, direction if args.what == "train" else "fwd")] += ms
   mem = compiled.memory_analysis()
   print(f"SegNeXt-{args.variant.upper()} {args.what}, batch {args.batch}x{args.size}x{args.size}: "
         f"wall {wall:.0f} ms (unprofiled), op time {total:.0f} ms summed over XLA threads, "
