@@ -27,6 +27,27 @@ def gelu(x: jax.Array) -> jax.Array:
   return nn.gelu(x, approximate=False)
 
 
+@jax.custom_vjp
+def gradient_boundary(x: jax.Array) -> jax.Array:
+  """Identity whose cotangent is materialised: the backward passes it through a conditional,
+  which XLA cannot fuse across. Without it XLA:CPU fuses the residual stream's elementwise
+  gradient chain through every block of a stage into each consumer (fusions of 400+ operands in
+  L's stage 3), a cost that grows with the square of the depth."""
+  return x
+
+
+def _boundary_fwd(x):
+  return x, None
+
+
+def _boundary_bwd(_, g):
+  keep = jnp.isfinite(g.reshape(-1)[0])  # a run-time predicate: the conditional stays
+  return (jax.lax.cond(keep, lambda t: t, lambda t: t + 0, g),)
+
+
+gradient_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d semantics: momentum 0.1, running_var updated with the UNBIASED variance.
 
@@ -199,6 +220,7 @@ class MSCAN(nn.Module):
         x = OverlapPatchEmbed(dim, self.dtype, name=f"patch_embed{s}")(x, train=train)
       for i in range(depth):
         x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(x, train)
+        x = gradient_boundary(x)
       cur += depth
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"norm{s}")(x)
       self.sow("intermediates", f"stage{s}", x)
