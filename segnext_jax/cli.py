@@ -9,8 +9,9 @@ import logging
 from pathlib import Path
 
 DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
-FAST_CPU_HINT = ("On Linux CPUs, run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment "
-                 "(transparent huge pages for XLA's step buffers; a T train step ~1.4x faster).")
+FAST_CPU_HINT = ("On Linux, segnext_jax sets glibc's malloc to reuse XLA's freed step buffers instead "
+                 "of page-faulting fresh ones every step (segnext_jax/cpu_memory.py); "
+                 "SEGNEXT_JAX_MALLOC=system opts out.")
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
