@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segnext_jax.resize import IGNORE_INDEX, bilinear_bands, bilinear_matrix
+from segnext_jax.resize import IGNORE_INDEX, bilinear_bands, bilinear_matrix, support_windows
 
 ROWS_PER_CHUNK = 16  # full-resolution label rows per scan step (measured best of 16-128 on T 2x512)
 
@@ -19,11 +19,7 @@ def _row_chunks(n_out: int, n_in: int, rows: int):
   m = bilinear_matrix(n_out, n_in)
   n = -(-n_out // rows)
   m = np.pad(m, ((0, n * rows - n_out), (0, 0))).reshape(n, rows, n_in)
-  used = m.any(axis=1)                                                      # (n, n_in)
-  lo = used.argmax(axis=1)
-  hi = n_in - 1 - used[:, ::-1].argmax(axis=1)
-  span = int((hi - lo).max()) + 1
-  first = np.minimum(lo, n_in - span)
+  first, span = support_windows(m.any(axis=1))                             # over (n, n_in)
   mats = np.stack([m[c][:, first[c]:first[c] + span] for c in range(n)])  # (n, rows, span)
   return first.astype(np.int32), mats.astype(np.float32)
 

@@ -1,10 +1,10 @@
 """torch's bilinear resize (F.interpolate, align_corners=False, no antialiasing), in one place.
 
 Three forms of the same arithmetic: `resize_bilinear` (in the graph, the head's feature
-alignment), `bilinear_matrix` (a dense (out, in) operator) and its banded form `Band` (a few
-source indices and weights per output: the loss's upsampling and its adjoint, gathers that
-fuse instead of matmuls that read every source row), and `bilinear_taps` (two source indices
-and a weight per output: eval's gather resize).
+alignment), `bilinear_matrix` (a dense (out, in) operator: the loss cuts it into row chunks)
+and its banded form `Band` (a few source indices and weights per output: the loss's W-axis
+upsampling and its adjoint, gathers instead of matmuls that read every source column), and
+`bilinear_taps` (two source indices and a weight per output: eval's gather resize).
 """
 from __future__ import annotations
 
@@ -51,11 +51,7 @@ class Band:
 
   @classmethod
   def from_matrix(cls, m: np.ndarray) -> "Band":
-    nz = m != 0
-    first = np.where(nz.any(1), nz.argmax(1), 0)
-    last = np.where(nz.any(1), m.shape[1] - 1 - nz[:, ::-1].argmax(1), 0)
-    width = int((last - first).max()) + 1
-    start = np.minimum(first, m.shape[1] - width)  # keep the window inside the input
+    start, width = support_windows(m != 0)
     cols = start[:, None] + np.arange(width)
     return cls(start.astype(np.int32), np.take_along_axis(m, cols, 1).astype(np.float32))
 
@@ -68,6 +64,16 @@ class Band:
       term = jnp.take(x, self.start + l, axis=axis) * self.weights[:, l].astype(x.dtype).reshape(shape)
       out = term if out is None else out + term
     return out
+
+
+def support_windows(used: np.ndarray) -> tuple[np.ndarray, int]:
+  """For a boolean (rows, cols) map of the columns each row uses: one window width that covers
+  every row's used columns, and each row's window start, kept inside [0, cols)."""
+  any_used = used.any(1)
+  first = np.where(any_used, used.argmax(1), 0)
+  last = np.where(any_used, used.shape[1] - 1 - used[:, ::-1].argmax(1), 0)
+  width = int((last - first).max()) + 1
+  return np.minimum(first, used.shape[1] - width), width
 
 
 def bilinear_bands(n_out: int, n_in: int) -> tuple[Band, Band]:
