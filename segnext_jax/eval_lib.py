@@ -1,7 +1,7 @@
 """Evaluate a segmentor over a dataset: a Predictor's classes for every image, mmseg's IoUMetric.
 
-Single-view whole inference batches images of equal padded shape (one program per padded shape
-and power-of-two batch); decoding and resizing run in worker threads, ahead of the device.
+Single-view whole inference batches images of one bucket shape (one program per bucket and
+power-of-two batch); decoding and resizing run in worker threads, ahead of the device.
 """
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def _batched(predictor: Predictor, variables: dict, dataset, indices, pool, ahea
 
   buckets: dict[tuple, list] = {}
   for item in _prefetch(pool, load, indices, ahead + cfg.batch_size):
-    bucket = buckets.setdefault(item[0].shape, [])
+    key = cfg.padded_shape(item[0].shape[:2])
+    bucket = buckets.setdefault(key, [])
     bucket.append(item)
     if len(bucket) == cfg.batch_size:
-      yield from _run_batch(predictor, variables, buckets.pop(item[0].shape))
+      yield from _run_batch(predictor, variables, buckets.pop(key))
   for shape in list(buckets):
     yield from _run_batch(predictor, variables, buckets.pop(shape))
 
@@ -71,11 +72,11 @@ def _batched(predictor: Predictor, variables: dict, dataset, indices, pool, ahea
 def _run_batch(predictor: Predictor, variables: dict, items: list) -> Iterator:
   # Pad the batch to a power of two: a bounded number of programs per shape (log2 batch + 1)
   # without running a full batch of padding for the few leftover images of a shape.
-  pad = min(1 << (len(items) - 1).bit_length(), predictor.cfg.batch_size) - len(items)
-  images = np.stack([it[0] for it in items] + [np.zeros_like(items[0][0])] * pad)
-  logits = predictor.logits(variables, images)
-  for i, (_, valid, ori, label) in enumerate(items):
-    yield np.asarray(to_original(logits, valid, ori, out="argmax", index=i))[:ori[0], :ori[1]], label
+  batch = min(1 << (len(items) - 1).bit_length(), predictor.cfg.batch_size)
+  logits = predictor.padded_logits(variables, [it[0] for it in items], batch)
+  for i, (x, valid, ori, label) in enumerate(items):
+    pred = to_original(logits, valid, ori, out="argmax", index=i, padded=x.shape[:2])
+    yield np.asarray(pred)[:ori[0], :ori[1]], label
 
 
 def _prefetch(pool: cf.ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:

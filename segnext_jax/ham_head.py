@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segnext_jax.layers import Conv1x1
+from segnext_jax.padding import clamp_to_valid, stage_mask, zero_outside
 from segnext_jax.resize import resize_bilinear
 
 GN_EPS = 1e-5
@@ -45,19 +46,23 @@ def _bases_update(x: jax.Array, bases: jax.Array, coef: jax.Array) -> jax.Array:
   return bases * num / (den + NMF_EPS)
 
 
-def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll") -> jax.Array:
+def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll",
+          mask: jax.Array | None = None) -> jax.Array:
   """NMF2D with MD_S = 1 on a non-negative NHWC map x (B,H,W,C) and initial bases (B,C,R).
 
   `steps` multiplicative updates (6 train, 7 eval), a final coef update, then x ~ coef @ bases^T.
   grad='one_step' stops the gradient through the loop (Hamburger's one-step gradient).
-  Computed in float32 (float64 for float64 inputs).
+  Computed in float32 (float64 for float64 inputs). With a (B,H,W,1) `mask` the positions
+  outside it take no part: zero in x and in coef, which every update keeps at zero.
   """
   b, h, w, c = x.shape
   dtype = x.dtype
   ft = jnp.promote_types(x.dtype, jnp.float32)
-  xf = x.reshape(b, h * w, c).astype(ft)                                  # (B,N,D)
+  xf = zero_outside(x, mask).reshape(b, h * w, c).astype(ft)              # (B,N,D)
   bases = bases.astype(ft)
   coef = jax.nn.softmax(jnp.einsum("bnd,bdr->bnr", xf, bases), axis=-1)   # inv_t = 1 in NMF2D
+  if mask is not None:
+    coef = zero_outside(coef, mask.reshape(b, h * w, 1))
   x_loop = jax.lax.stop_gradient(xf) if grad == "one_step" else xf
   for _ in range(steps):
     coef = _coef_update(x_loop, bases, coef)
@@ -70,15 +75,17 @@ def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll") 
 
 
 class ConvGN(nn.Module):
-  """mmcv ConvModule(1x1, norm=GN(32)): conv (no bias) -> GroupNorm(32, eps 1e-5) [-> ReLU]."""
+  """mmcv ConvModule(1x1, norm=GN(32)): conv (no bias) -> GroupNorm(32, eps 1e-5) [-> ReLU].
+  With a (B,H,W,1) `mask` the GroupNorm statistics are those of the positions inside it."""
   features: int
   relu: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     x = Conv1x1(self.features, False, self.dtype, KAIMING, name="conv")(x)
-    x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x)
+    mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
+    x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x, mask=mask)
     return nn.relu(x) if self.relu else x
 
 
@@ -107,13 +114,14 @@ class Hamburger(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     b, c = x.shape[0], x.shape[-1]
     enjoy = nn.relu(ConvBias(c, self.dtype, name="ham_in")(x))
     bases = self._initial_bases(b, c, train, bases)
     steps = self.train_steps if train else self.eval_steps
-    enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad)
-    enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy)
+    enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad, mask)
+    enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy, mask)
     return nn.relu(x + enjoy)
 
   def _initial_bases(self, b: int, c: int, train: bool, bases: jax.Array | None) -> jax.Array:
@@ -137,7 +145,8 @@ class Hamburger(nn.Module):
 
 
 class LightHamHead(nn.Module):
-  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution."""
+  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution. With `valid`
+  (B, 2; see padding.py) they are exact inside each image's valid region."""
   num_classes: int = 150
   channels: int = 256
   ham_channels: int = 256
@@ -148,13 +157,17 @@ class LightHamHead(nn.Module):
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool,
-               nmf_bases: jax.Array | None = None) -> jax.Array:
+               nmf_bases: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
     size = feats[0].shape[1:3]
+    mask = None
+    if valid is not None:  # feats are stages 2-4: strides 8, 16, 32
+      feats = [feats[0]] + [clamp_to_valid(f, valid, 8 * 2 ** i) for i, f in enumerate(feats[1:], 1)]
+      mask = stage_mask(valid, feats[0].shape, 8)
     x = jnp.concatenate([resize_bilinear(f, size).astype(self.dtype) for f in feats], axis=-1)
-    x = ConvGN(self.ham_channels, dtype=self.dtype, name="squeeze")(x)
+    x = ConvGN(self.ham_channels, dtype=self.dtype, name="squeeze")(x, mask)
     x = Hamburger(self.nmf_rank, nmf_grad=self.nmf_grad, dtype=self.dtype, name="hamburger")(
-        x, train=train, bases=nmf_bases)
-    x = ConvGN(self.channels, dtype=self.dtype, name="align")(x)
+        x, train=train, bases=nmf_bases, mask=mask)
+    x = ConvGN(self.channels, dtype=self.dtype, name="align")(x, mask)
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
     logits_dtype = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 in float64
     return Conv1x1(self.num_classes, True, logits_dtype, CLS_INIT, name="conv_seg")(x)

@@ -27,6 +27,8 @@ class SegNeXt(nn.Module):
   Variables: 'params', 'batch_stats' and 'nmf_bases' (the fixed NMF initial bases inference
   uses, drawn once at init). rng streams: 'nmf' (training's per-image NMF bases; at inference
   only for variables without 'nmf_bases') and, in training, 'dropout' (DropPath, Dropout2d).
+  `valid` (B, 2), inference on padded images: each image's (h, w) before the padding, multiples
+  of 32; the logits inside (h/8, w/8) are those of the unpadded image (see padding.py).
   """
   embed_dims: Sequence[int] = VARIANTS["t"]["embed_dims"]
   depths: Sequence[int] = VARIANTS["t"]["depths"]
@@ -43,17 +45,17 @@ class SegNeXt(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
-               nmf_bases: jax.Array | None = None) -> jax.Array:
+               nmf_bases: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
     want = (images.shape[0], self.head_channels, self.nmf_rank)
     if nmf_bases is not None and tuple(nmf_bases.shape) != want:
       raise ValueError(f"nmf_bases has shape {tuple(nmf_bases.shape)}, expected {want} (B, C, R)")
     feats = MSCAN(self.embed_dims, self.depths, self.mlp_ratios, self.drop_path, self.remat,
-                  self.dw_impl, self.dtype, name="backbone")(images, train=train)
+                  self.dw_impl, self.dtype, name="backbone")(images, train=train, valid=valid)
     return LightHamHead(self.num_classes, self.head_channels, self.head_channels, self.nmf_rank,
                         self.dropout, self.nmf_grad, self.dtype, name="decode_head")(
-                            feats[1:], train=train, nmf_bases=nmf_bases)
+                            feats[1:], train=train, nmf_bases=nmf_bases, valid=valid)
 
 
 def segnext(variant: str = "t", **overrides: Any) -> SegNeXt:

@@ -14,6 +14,7 @@ import numpy as np
 
 from segnext_jax.depthwise import Impl, depthwise_conv2d
 from segnext_jax.layers import conv
+from segnext_jax.padding import stage_mask, zero_outside
 
 BN_EPS = 1e-5
 LN_EPS = 1e-5
@@ -82,17 +83,18 @@ class BatchNorm(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise conv with bias; kernel stored as flax (kh, kw, 1, C), see `depthwise.py`."""
+  """Depthwise conv with bias; kernel stored as flax (kh, kw, 1, C), see `depthwise.py`. With a
+  `mask` (padded inference, see padding.py) the input is zero outside it, as past a border."""
   kernel_size: tuple[int, int]
   impl: Impl = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     kernel = self.param("kernel", DW_INIT, (*self.kernel_size, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return depthwise_conv2d(x.astype(self.dtype), kernel, bias, impl=self.impl)
+    return depthwise_conv2d(zero_outside(x.astype(self.dtype), mask), kernel, bias, impl=self.impl)
 
 
 class DropPath(nn.Module):
@@ -142,12 +144,12 @@ class MSCA(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, u: jax.Array) -> jax.Array:
+  def __call__(self, u: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     dw = lambda kh, kw, name: DepthwiseConv((kh, kw), self.impl, self.dtype, name=name)
-    attn = dw(5, 5, "conv0")(u)
+    attn = dw(5, 5, "conv0")(u, mask)
     total = attn
     for i, k in enumerate(self.strip_sizes):  # 1xk then kx1, named conv{i}_1 / conv{i}_2
-      total = total + dw(k, 1, f"conv{i}_2")(dw(1, k, f"conv{i}_1")(attn))
+      total = total + dw(k, 1, f"conv{i}_2")(dw(1, k, f"conv{i}_1")(attn, mask), mask)
     mixed = conv(u.shape[-1], 1, name="conv3", dtype=self.dtype)(total)
     return mixed * u
 
@@ -158,10 +160,10 @@ class MSCASpatialAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     y = gelu(conv(c, 1, name="proj_1", dtype=self.dtype)(x))
-    y = MSCA(impl=self.impl, dtype=self.dtype, name="spatial_gating_unit")(y)
+    y = MSCA(impl=self.impl, dtype=self.dtype, name="spatial_gating_unit")(y, mask)
     return conv(c, 1, name="proj_2", dtype=self.dtype)(y) + x
 
 
@@ -172,10 +174,10 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     y = conv(self.hidden, 1, name="fc1", dtype=self.dtype)(x)
-    y = gelu(DepthwiseConv((3, 3), self.impl, self.dtype, name="dwconv")(y))
+    y = gelu(DepthwiseConv((3, 3), self.impl, self.dtype, name="dwconv")(y, mask))
     return conv(c, 1, name="fc2", dtype=self.dtype)(y)
 
 
@@ -187,18 +189,21 @@ class MSCABlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
     c = x.shape[-1]
     ls1 = self.param("layer_scale_1", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
     ls2 = self.param("layer_scale_2", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
-    y = MSCASpatialAttention(self.impl, self.dtype, name="attn")(BatchNorm(name="norm1")(x, train=train))
+    y = MSCASpatialAttention(self.impl, self.dtype, name="attn")(
+        BatchNorm(name="norm1")(x, train=train), mask)
     x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, train=train)
-    y = Mlp(int(c * self.mlp_ratio), self.impl, self.dtype, name="mlp")(BatchNorm(name="norm2")(x, train=train))
+    y = Mlp(int(c * self.mlp_ratio), self.impl, self.dtype, name="mlp")(
+        BatchNorm(name="norm2")(x, train=train), mask)
     return x + DropPath(self.drop_path)(ls2.astype(y.dtype) * y, train=train)
 
 
 class MSCAN(nn.Module):
-  """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC."""
+  """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC. `valid`
+  (B, 2): each image's size inside padding (see padding.py); the maps are exact inside it."""
   embed_dims: Sequence[int] = (32, 64, 160, 256)
   depths: Sequence[int] = (3, 3, 5, 2)
   mlp_ratios: Sequence[float] = (8, 8, 4, 4)
@@ -208,7 +213,7 @@ class MSCAN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
+  def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None) -> list[jax.Array]:
     rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()
     block_cls = nn.remat(MSCABlock, static_argnums=(2,)) if self.remat else MSCABlock
     outs, cur = [], 0
@@ -218,8 +223,9 @@ class MSCAN(nn.Module):
         x = StemConv(dim, self.dtype, name="patch_embed1")(x, train=train)
       else:
         x = OverlapPatchEmbed(dim, self.dtype, name=f"patch_embed{s}")(x, train=train)
+      mask = None if valid is None else stage_mask(valid, x.shape, 2 ** (s + 1))
       for i in range(depth):
-        x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(x, train)
+        x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(x, train, mask)
         x = gradient_boundary(x)
       cur += depth
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"norm{s}")(x)

@@ -50,8 +50,13 @@ class Band:
   weights: np.ndarray  # (n_out, width) float32
 
   @classmethod
-  def from_matrix(cls, m: np.ndarray) -> "Band":
-    start, width = support_windows(m != 0)
+  def from_matrix(cls, m: np.ndarray, width: int | None = None) -> "Band":
+    """The band of `m`, `width` wide (at least its widest row support; default: exactly that)."""
+    start, need = support_windows(m != 0)
+    if width is not None and width < need:
+      raise ValueError(f"a band of width {width} cannot hold rows that use {need} columns")
+    width = need if width is None else width
+    start = np.minimum(start, m.shape[1] - width)
     cols = start[:, None] + np.arange(width)
     return cls(start.astype(np.int32), np.take_along_axis(m, cols, 1).astype(np.float32))
 

@@ -134,9 +134,9 @@ def six_class_model(t_variables):
 
 def counting(model, shapes: list):
   """The model's inference apply, recording the input shape of every trace (= every compile)."""
-  def apply(variables, images):
+  def apply(variables, images, valid=None):
     shapes.append(images.shape)
-    return model.apply(variables, images, train=False)
+    return model.apply(variables, images, train=False, valid=valid)
   return apply
 
 
@@ -151,9 +151,9 @@ def test_evaluate_is_deterministic_batched_and_compiles_per_shape(t_variables):
   assert len(traced) == n_traced  # the second evaluation reuses every program
   np.testing.assert_array_equal(r1["confusion"], r2["confusion"])
   assert r1["confusion"].sum() == sum(int((ds[i][1] != 255).sum()) for i in range(len(ds)))
-  shapes = {prepare(img, *pred.cfg.views(img.shape[:2]))[0].shape for img, _ in
-            (ds[i] for i in range(len(ds)))}
-  # one program per (padded shape, power-of-two batch <= 2)
+  shapes = {pred.cfg.padded_shape(prepare(img, *pred.cfg.views(img.shape[:2]))[0].shape[:2])
+            for img, _ in (ds[i] for i in range(len(ds)))}
+  # one program per (bucket shape, power-of-two batch <= 2)
   assert len(shapes) <= n_traced <= 2 * len(shapes) and len(shapes) < len(ds)
   single = Predictor.for_model(model, InferenceConfig(scale=(128, 64), batch_size=1))
   r3 = evaluate(single, variables, ds, progress=False)
