@@ -26,6 +26,7 @@ import numpy as np
 from segnext_jax import padding
 from segnext_jax import views as views_lib
 from segnext_jax.resize import Band, bilinear_matrix, resize_bilinear
+from segnext_jax.staged import StagedForward
 from segnext_jax.views import Pipeline, Size, View
 
 # (variables, NHWC images, valid (B, 2) int32 or None) -> stride-8 logits; see SegNeXt.__call__.
@@ -152,10 +153,12 @@ class Predictor:
   as it is loaded, ahead of the device."""
 
   def __init__(self, apply_fn: ApplyFn, cfg: InferenceConfig = InferenceConfig(),
-               compile_threads: int | None = None):
+               compile_threads: int | None = None, padded_fn: ApplyFn | None = None):
+    """`padded_fn`: the whole-mode forward if not jax.jit(apply_fn), one with the same
+    `.lower(...).compile()` (for_model: a StagedForward, several times faster to compile)."""
     self.cfg = cfg
     self.logits_fn = jax.jit(logits_at_input(apply_fn))  # exact shapes: slide windows, logits()
-    self.padded_fn = jax.jit(apply_fn)                   # (variables, bucketed views, valid)
+    self.padded_fn = padded_fn or jax.jit(apply_fn)      # (variables, bucketed views, valid)
     self._threads = compile_threads or max(1, (os.cpu_count() or 1) // 4)
     self._pending: dict[tuple, cf.Future] = {}
     self._lock = threading.Lock()
@@ -164,7 +167,7 @@ class Predictor:
   @classmethod
   def for_model(cls, model, cfg: InferenceConfig = InferenceConfig(),
                 compile_threads: int | None = None) -> "Predictor":
-    return cls(model_apply(model), cfg, compile_threads)
+    return cls(model_apply(model), cfg, compile_threads, StagedForward(model))
 
   def logits(self, variables: dict, images: np.ndarray) -> jax.Array:
     """(B, H, W, 3) prepared views -> (B, H, W, K) logits at the input size (whole or slide),
