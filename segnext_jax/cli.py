@@ -32,7 +32,8 @@ def enable_compile_cache(path: str = DEFAULT_CACHE) -> None:
     return
   import jax
   jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # every program: inference compiles many small ones (StagedForward's parts, the resizes)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def quiet_absl() -> None:

@@ -52,6 +52,10 @@ class InferenceConfig:
   def views(self, hw: Size) -> list[View]:
     return views_lib.views(hw, self.pipeline, self.scale, self.tta, self.size_divisor)
 
+  def __post_init__(self):
+    if self.buckets_per_octave < 0:
+      raise ValueError(f"buckets_per_octave must be >= 0 (0: no buckets), got {self.buckets_per_octave}")
+
   def padded_shape(self, hw: Size) -> Size:
     """The shape a whole-mode view of (h, w) runs at: /size_divisor, then bucketed."""
     h, w = views_lib.ceil_to(hw, self.size_divisor)
@@ -186,6 +190,9 @@ class Predictor:
     images = np.zeros((max(len(views), batch), hb, wb, 3), np.float32)
     valid = np.full((len(images), 2), padding.STRIDE, np.int32)  # filler images: any valid size
     for i, x in enumerate(views):
+      if x.shape[0] % padding.STRIDE or x.shape[1] % padding.STRIDE:
+        raise ValueError(f"view {i} has shape {x.shape[:2]}: padded inference needs multiples of "
+                         f"{padding.STRIDE} (size_divisor {self.cfg.size_divisor})")
       if self.cfg.padded_shape(x.shape[:2]) != (hb, wb):
         raise ValueError(f"view {i} of shape {x.shape[:2]} is not in bucket {(hb, wb)}")
       images[i, :x.shape[0], :x.shape[1]] = x

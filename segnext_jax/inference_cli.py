@@ -31,6 +31,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                "slide, 1024 window, 768 stride), else whole")
   cli.add_flag(parser, "crop", type=int, nargs=2, default=None, help="slide window (H W)")
   cli.add_flag(parser, "stride", type=int, nargs=2, default=None, help="slide stride (H W)")
+  cli.add_flag(parser, "buckets-per-octave", type=int, default=4,
+               help="whole mode: views run zero-padded to this many sizes per octave (exact: the "
+               "model masks the padding), so images of many sizes share a few compiled programs; "
+               "0 = each view at its own /32 shape")
   cli.add_flag(parser, "nmf-seed", type=int, default=None,
                help="replace the checkpoint's fixed NMF bases by bases drawn from this seed")
   cli.add_flag(parser, "compile-cache", default=cli.DEFAULT_CACHE,
@@ -62,7 +66,8 @@ def load(args: argparse.Namespace, batch_size: int = 1) -> Loaded:
       scale=tuple(args.scale or run.get("resize_scale", (2048, 512))),
       mode=args.mode or run.get("eval_mode", "whole"),
       crop=tuple(args.crop or run.get("eval_crop", (1024, 1024))),
-      stride=tuple(args.stride or run.get("eval_stride", (768, 768))), batch_size=batch_size)
+      stride=tuple(args.stride or run.get("eval_stride", (768, 768))), batch_size=batch_size,
+      buckets_per_octave=args.buckets_per_octave)
   return Loaded(model, variables, meta, cfg, bases)
 
 

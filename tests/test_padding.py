@@ -98,3 +98,11 @@ def test_tta_in_coarse_buckets_equals_exact_shapes(t_variables):
   assert len(coarse_shapes) < len(exact_shapes)
   assert any(s not in exact_shapes for s in coarse_shapes)  # views really ran padded
   np.testing.assert_allclose(coarse, exact, atol=2e-6, rtol=0)
+
+
+def test_bad_bucket_settings_are_one_line_errors():
+  with pytest.raises(ValueError, match="buckets_per_octave must be >= 0"):
+    InferenceConfig(buckets_per_octave=-1)
+  pred = Predictor(lambda v, x, valid=None: x, InferenceConfig())
+  with pytest.raises(ValueError, match=r"view 0 has shape \(40, 64\).*multiples of 32"):
+    pred.padded_logits({}, [np.zeros((40, 64, 3), np.float32)])
