@@ -10,6 +10,7 @@ import torch
 from segnext_jax import segnext
 from segnext_jax.inference import InferenceConfig, Predictor, to_original
 from segnext_jax.padding import bucket, clamp_to_valid, stage_mask
+from test_eval_lib import counting
 
 ATOL = 2e-6  # float32 rounding: logits are O(0.5); a leak across the border moves them by 1e-2
 
@@ -75,13 +76,6 @@ def test_composed_resize_is_mmseg_two_step(flip):
   ref = ref[0].numpy().transpose(1, 2, 0)
   got = np.asarray(to_original(logits, valid, ori, flip, index=1, padded=padded))
   np.testing.assert_allclose(got[:ori[0], :ori[1]], ref, atol=1e-5)  # torch rounds twice in float32
-
-
-def counting(model, shapes: list):
-  def apply(variables, images, valid=None):
-    shapes.append(images.shape)
-    return model.apply(variables, images, train=False, valid=valid)
-  return apply
 
 
 def test_tta_in_coarse_buckets_equals_exact_shapes(t_variables):
