@@ -54,8 +54,9 @@ def test_padded_logits_equal_unpadded_ones(t_variables):
   out = np.asarray(jax.jit(lambda v, x, val: model.apply(v, x, valid=val))(
       t_variables, batch, np.array(sizes, np.int32)))
   unmasked = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(t_variables, batch))
+  forward = jax.jit(lambda v, x: model.apply(v, x))
   for i, x in enumerate(images):
-    ref = np.asarray(model.apply(t_variables, x[None]))[0]
+    ref = np.asarray(forward(t_variables, x[None]))[0]
     h, w = ref.shape[:2]
     np.testing.assert_allclose(out[i, :h, :w], ref, atol=ATOL, rtol=0)
     assert np.abs(unmasked[i, :h, :w] - ref).max() > 100 * ATOL  # the masks are what does it
