@@ -55,3 +55,31 @@ def test_jax_used_first_warns_and_leaves_malloc_alone():
   got = probe(before="import jax.numpy as jnp; jnp.ones(2).block_until_ready()")
   assert not got["applied"]
   assert "import segnext_jax before using JAX" in got["stderr"]
+
+
+# Free 512 MB (kept by the policy), then compile something: RSS before and after the compile.
+TRIM_PROBE = r"""
+import ctypes, json
+import segnext_jax
+import jax, jax.numpy as jnp
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) >> 10
+keep = libc.malloc(1 << 20)  # something live above the freed block: not at the heap's top
+p = libc.malloc(512 << 20)
+ctypes.memset(p, 1, 512 << 20)
+guard = libc.malloc(1 << 20)
+ctypes.memset(guard, 1, 1 << 20)
+libc.free(p)
+before = rss()
+jax.jit(lambda x: jnp.sin(x) * 3).lower(jnp.ones(3)).compile()
+print(json.dumps({"before_mb": before, "after_mb": rss()}))
+"""
+
+
+def test_compiling_hands_kept_memory_back():
+  out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True,
+                       check=True)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["before_mb"] - got["after_mb"] > 400, got  # the freed 512 MB left the process
