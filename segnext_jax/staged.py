@@ -71,45 +71,34 @@ class StagedForward:
       return block.apply(v, x, False, mask)
     return fn
 
-  def _calls(self, variables: dict, images: Any, valid: Any):
-    """The forward as (jitted part, arguments) steps; `run` maps a step to its output."""
+  def _forward(self, variables: dict, images: Any, valid: Any, run: Callable) -> Any:
+    """The forward, each part applied through `run(part, *args)`: a call, or a lowering."""
     bb = lambda *p: _sub(variables, "backbone", *p)
-    x = images
-    feats = []
+    x, feats = images, []
     for s, depth in enumerate(self.model.depths, 1):
-      name = "patch_embed1" if s == 1 else f"patch_embed{s}"
-      x = yield self._embed[s - 1], (bb(name), x)
+      x = run(self._embed[s - 1], bb(f"patch_embed{s}"), x)
       for i in range(depth):
-        x = yield self._block[s - 1], (bb(f"block{s}_{i}"), x, valid)
-      x = yield self._norm, (bb(f"norm{s}"), x)
+        x = run(self._block[s - 1], bb(f"block{s}_{i}"), x, valid)
+      x = run(self._norm, bb(f"norm{s}"), x)
       feats.append(x)
-    yield self._head, (_sub(variables, "decode_head"), feats[1:], valid)
+    return run(self._head, _sub(variables, "decode_head"), feats[1:], valid)
 
   def __call__(self, variables: dict, images: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
-    steps = self._calls(variables, jnp.asarray(images, self.model.dtype), valid)
-    fn, args = next(steps)
-    while True:
-      out = fn(*args)
-      try:
-        fn, args = steps.send(out)
-      except StopIteration:
-        return out
+    images = jnp.asarray(images, self.model.dtype)
+    return self._forward(variables, images, valid, lambda fn, *args: fn(*args))
 
   def lower(self, variables: dict, images: jax.ShapeDtypeStruct, valid=None) -> _Lowered:
     """Every part lowered for abstract inputs (each distinct program once)."""
-    images = jax.ShapeDtypeStruct(images.shape, self.model.dtype)
-    steps = self._calls(variables, images, valid)
     done: dict[tuple, tuple] = {}  # (part, argument shapes) -> (lowered, abstract output)
-    fn, args = next(steps)
-    while True:
+
+    def run(fn, *args):
       key = (id(fn), str(jax.tree.map(lambda a: (a.shape, a.dtype), args)))
       if key not in done:
         low = fn.lower(*args)
         done[key] = low, jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), low.out_info)
-      out = done[key][1]
-      try:
-        fn, args = steps.send(out)
-      except StopIteration:
-        return _Lowered([low for low, _ in done.values()])
+      return done[key][1]
+
+    self._forward(variables, jax.ShapeDtypeStruct(images.shape, self.model.dtype), valid, run)
+    return _Lowered([low for low, _ in done.values()])
