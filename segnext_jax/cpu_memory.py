@@ -9,7 +9,7 @@ segnext_jax is imported, before JAX starts its threads; `SEGNEXT_JAX_MALLOC=syst
 
 What is kept also includes what XLA's compiler freed, ~1 GB for a T train step, which a step's
 single large temp buffer cannot reuse; so after each XLA compilation the free pages go back to
-the system (malloc_trim): T train step peak RSS 3.77 -> 3.01 GB. Steps still reuse their own.
+the system (malloc_trim, after compilations of 1 s or more): T train step peak RSS 3.77 -> 3.01 GB. Steps still reuse their own.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ import sys
 
 ENV = "SEGNEXT_JAX_MALLOC"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+# Trim after compilations at least this long (a train step's: 40+ s), not after each of eval's
+# many sub-second ones, where a trim would only make the next forward fault its pages again.
+TRIM_MIN_COMPILE_S = 1.0
 # glibc malloc.h parameter numbers
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 applied: bool = False  # whether this process runs with the policy
@@ -53,11 +56,11 @@ def keep_freed_memory() -> bool:
 
 
 def _release_after_compiles(libc) -> None:
-  """After every XLA compilation, hand the heap's free pages back (malloc_trim(0))."""
+  """After every long XLA compilation, hand the heap's free pages back (malloc_trim(0))."""
   import jax.monitoring  # registers a listener only: starts no backend
 
   def listener(event: str, duration_secs: float, **kwargs) -> None:
-    if event == BACKEND_COMPILE_EVENT:
+    if event == BACKEND_COMPILE_EVENT and duration_secs >= TRIM_MIN_COMPILE_S:
       libc.malloc_trim(0)
 
   libc.malloc_trim.argtypes = [ctypes.c_size_t]

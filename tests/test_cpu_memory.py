@@ -61,7 +61,9 @@ def test_jax_used_first_warns_and_leaves_malloc_alone():
 TRIM_PROBE = r"""
 import ctypes, json
 import segnext_jax
+from segnext_jax import cpu_memory
 import jax, jax.numpy as jnp
+cpu_memory.TRIM_MIN_COMPILE_S = 0.0  # the probe's compile is short; the train step's is 40 s
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
