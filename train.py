@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
   cli.add_flag(p, "config", default=None, metavar="NAME|FILE.json",
                help=f"preset ({', '.join(PRESETS)}) or a saved config.json (default: the --data kind's preset)")
   cli.add_flag(p, "distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  cli.add_flag(p, "compile-cache", default=None,
+               help=cli.COMPILE_CACHE_HELP + ": a restart or resume does not compile the step again")
   hints = typing.get_type_hints(TrainConfig)
   for f in dataclasses.fields(TrainConfig):
     typ = hints[f.name]
@@ -53,27 +55,28 @@ def _bool(s: str) -> bool:
   return s.lower() in ("1", "true", "yes")
 
 
-def resolve(argv=None) -> tuple[TrainConfig, bool]:
-  """(config, distributed) from the command line."""
+def resolve(argv=None) -> tuple[TrainConfig, bool, str | None]:
+  """(config, distributed, compile cache) from the command line."""
   args = vars(build_parser().parse_args(argv))
-  preset, distributed = args.pop("config"), args.pop("distributed")
+  preset, distributed, cache = args.pop("config"), args.pop("distributed"), args.pop("compile_cache")
   flags = {k: v for k, v in args.items() if v is not None}
   overlay = load_preset(preset or preset_for_data(flags.get("data", "synthetic")))
   logging.info("preset %s", preset or preset_for_data(flags.get("data", "synthetic")))
-  return make_config(overlay, flags), distributed
+  return make_config(overlay, flags), distributed, cache
 
 
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    cfg, distributed = resolve(argv)
+    cfg, distributed, cache = resolve(argv)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if distributed:
     import jax
     jax.distributed.initialize()
+  cli.enable_compile_cache(cache)
   from segnext_jax.train_lib import train_and_evaluate
   try:
     result = train_and_evaluate(cfg)

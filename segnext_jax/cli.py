@@ -26,14 +26,22 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def enable_compile_cache(path: str = DEFAULT_CACHE) -> None:
-  """Persist compiled programs on disk: a dataset's padded shapes compile once per machine."""
+def enable_compile_cache(path: str | None = None) -> None:
+  """Persist compiled programs on disk: a dataset's padded shapes, or a run's train step, compile
+  once per machine. None: the directory JAX already has (JAX_COMPILATION_CACHE_DIR), else
+  DEFAULT_CACHE; '': leave JAX's setting as it is (off unless configured)."""
+  import jax
+  if path is None:
+    path = jax.config.jax_compilation_cache_dir or DEFAULT_CACHE
   if not path:
     return
-  import jax
   jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
   # every program: inference compiles many small ones (StagedForward's parts, the resizes)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR, "
+                      f"else {DEFAULT_CACHE}; '' to disable)")
 
 
 def quiet_absl() -> None:

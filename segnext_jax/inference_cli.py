@@ -37,8 +37,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                "0 = each view at its own /32 shape")
   cli.add_flag(parser, "nmf-seed", type=int, default=None,
                help="replace the checkpoint's fixed NMF bases by bases drawn from this seed")
-  cli.add_flag(parser, "compile-cache", default=cli.DEFAULT_CACHE,
-               help="persistent XLA compilation cache directory ('' to disable)")
+  cli.add_flag(parser, "compile-cache", default=None, help=cli.COMPILE_CACHE_HELP)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,8 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
   labels = jax.tree_util.tree_map_with_path(
       lambda path, _: "%s|%g" % param_group(param_name(path)), params)
   txs = {}
-  for label in set(jax.tree.leaves(labels)):
+  for label in sorted(set(jax.tree.leaves(labels))):  # sorted: a set's order varies per process,
+    # and it orders the program's updates: a restarted run could not reuse the compiled step
     group, decay = label.split("|")
     mult = cfg.head_lr_mult if group == "head_lr" else 1.0
     txs[label] = optax.adamw(lambda s, m=mult: m * sched(s), cfg.b1, cfg.b2, eps=1e-8,

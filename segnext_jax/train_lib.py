@@ -48,9 +48,12 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 
 def create_train_state(cfg: TrainConfig, model: SegNeXt, variables: dict) -> TrainState:
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           tx=make_optimizer(cfg, variables["params"]),
-                           batch_stats=variables["batch_stats"], nmf_bases=variables["nmf_bases"])
+  """A fresh state; its step is a plain int32 (not flax's weakly typed 0), as a restored one is,
+  so a fresh run and its resumption compile the same step program (one compile-cache entry)."""
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                            tx=make_optimizer(cfg, variables["params"]),
+                            batch_stats=variables["batch_stats"], nmf_bases=variables["nmf_bases"])
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,

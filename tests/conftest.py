@@ -28,8 +28,11 @@ TINY = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Share compiled programs between the runs of one session (e.g. train, then resume)."""
+def compilation_cache(tmp_path_factory) -> dict:
+  """Share compiled programs between the runs of one session (e.g. train, then resume); the
+  returned environment gives a subprocess the same cache (as train.py/eval.py take it from JAX)."""
   import jax
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return {"JAX_COMPILATION_CACHE_DIR": path}

@@ -118,3 +118,25 @@ def test_metrics_on_disk_config_replay_and_recipe_guard(workdir, capsys):
   assert [r["step"] for r in metric_writer.read(workdir) if r["split"] == "train"] == [1, 2, 3, 4]
   replay = json.loads(saved.read_text())
   assert replay["steps"] == 4 and replay["model_overrides"] == json.loads(json.dumps(TINY))
+
+
+def test_compile_cache_flag_keeps_a_configured_directory(tmp_path):
+  import jax
+  from segnext_jax import cli
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "env"))  # as JAX_COMPILATION_CACHE_DIR
+    cli.enable_compile_cache(None)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    cli.enable_compile_cache("")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+    cli.enable_compile_cache(str(tmp_path / "flag"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
+    jax.config.update("jax_compilation_cache_dir", None)
+    cli.enable_compile_cache(None)
+    assert jax.config.jax_compilation_cache_dir == str(Path(cli.DEFAULT_CACHE).expanduser())
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert "--compile-cache" in load_script("train").build_parser().format_help()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

@@ -18,16 +18,18 @@ TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-siz
          "--warmup-steps", "1", "--workers", "1", "--log-every", "1"]
 
 
-def run(script: str, devices: int, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.CompletedProcess:
+  """One CLI run on `devices` host devices, with the session's compile cache (`cache`)."""
+  env = dict(os.environ, **cache, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   res = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]
   return res
 
 
-def test_two_devices_to_one_and_back(tmp_path):
+def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
   from segnext_jax import load_checkpoint, metric_writer
+  run = lambda *args: _run(compilation_cache, *args)  # runs on one topology compile a step once
   wd = tmp_path / "run2"
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
   model, variables = load_checkpoint(wd)  # this process: 1 device

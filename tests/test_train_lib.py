@@ -119,7 +119,7 @@ import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import TINY
 from segnext_jax.config import PRESETS, make_config
-from segnext_jax.model import init_variables
+from segnext_jax.model import abstract_variables
 from segnext_jax.train_lib import *
 cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=8, warmup_steps=0))
 model = build_model(cfg, 6)
@@ -182,3 +182,39 @@ def test_pretrained_backbone_loads_loudly(tmp_path, t_variables):
                                 sd["patch_embed2.norm.running_var"].numpy())
   with pytest.raises(ValueError, match="variant 't', the model is 's'"):
     load_pretrained(str(path), t_variables, "s")
+
+
+LOWER_SCRIPT = r"""
+import hashlib, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import TINY
+from segnext_jax.config import PRESETS, make_config
+from segnext_jax.model import abstract_variables
+from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh
+cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=2))
+model = build_model(cfg, 6)
+state = jax.eval_shape(lambda v: create_train_state(cfg, model, v), abstract_variables(model))
+batch = dict(image=jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),
+             label=jax.ShapeDtypeStruct((2, 32, 32), np.int32))
+text = jit_train_step(cfg, make_mesh()).lower(state, batch, jax.random.key(1)).as_text()
+print(hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_train_step_program_is_the_same_in_every_process():
+  """The persistent compile cache serves a restarted run only if its step lowers to the same
+  program: nothing may depend on the process's hash seed (a set's order), nor on whether the
+  state is fresh or restored (flax's weakly typed step 0)."""
+  hashes = set()
+  for seed in ("1", "2", "3"):
+    res = subprocess.run([sys.executable, "-c", LOWER_SCRIPT.format(tests=str(REPO / "tests"))],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED=seed))
+    assert res.returncode == 0, res.stderr[-2000:]
+    hashes.add(res.stdout.split()[-1])
+  assert len(hashes) == 1, hashes
+  from segnext_jax.train_lib import build_model, create_train_state
+  cfg = _tiny_cfg(Path("unused"))
+  model = build_model(cfg, 6)
+  step = jax.eval_shape(lambda v: create_train_state(cfg, model, v), abstract_variables(model)).step
+  assert step.dtype == np.int32 and not step.weak_type  # as restore_state returns it
