@@ -65,6 +65,17 @@ def resolve(argv=None) -> tuple[TrainConfig, bool, str | None]:
   return make_config(overlay, flags), distributed, cache
 
 
+def _compile_cache(path: str | None) -> None:
+  """The persistent compile cache, except for a step over several CPU devices: a 2-device XLA:CPU
+  step loaded from the cache once deadlocked in its collectives (each device waiting in another
+  rendezvous), so such steps compile fresh."""
+  import jax
+  if jax.default_backend() == "cpu" and jax.device_count() > 1:
+    jax.config.update("jax_enable_compilation_cache", False)
+  else:
+    cli.enable_compile_cache(path)
+
+
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -76,7 +87,7 @@ def main(argv=None) -> int:
   if distributed:
     import jax
     jax.distributed.initialize()
-  cli.enable_compile_cache(cache)
+  _compile_cache(cache)
   from segnext_jax.train_lib import train_and_evaluate
   try:
     result = train_and_evaluate(cfg)

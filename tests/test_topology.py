@@ -31,7 +31,11 @@ def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
   from segnext_jax import load_checkpoint, metric_writer
   run = lambda *args: _run(compilation_cache, *args)  # runs on one topology compile a step once
   wd = tmp_path / "run2"
+  cache_dir = Path(compilation_cache["JAX_COMPILATION_CACHE_DIR"])
+  steps_cached = lambda: {p.name for p in cache_dir.glob("*train_step*")}
+  before = steps_cached()
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
+  assert steps_cached() == before  # a step over several CPU devices is never cached (train.py)
   model, variables = load_checkpoint(wd)  # this process: 1 device
   x = np.zeros((1, 64, 64, 3), np.float32)
   assert model.apply(variables, x).shape == (1, 8, 8, 6)
