@@ -119,7 +119,7 @@ import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import TINY
 from segnext_jax.config import PRESETS, make_config
-from segnext_jax.model import abstract_variables
+from segnext_jax.model import init_variables
 from segnext_jax.train_lib import *
 cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=8, warmup_steps=0))
 model = build_model(cfg, 6)
