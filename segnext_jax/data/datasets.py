@@ -1,7 +1,8 @@
 """`--data` specs -> datasets, their recipe defaults, and the pre-training data check.
 
 Specs: `synthetic`, `folder:PATH` (mmseg custom layout, see folder.py), `ade20k:PATH`,
-`cityscapes:PATH`, `coco_stuff:PATH`, `tfds:ade20k_semantic[:DATA_DIR]`. Each dataset has
+`cityscapes:PATH`, `coco_stuff:PATH`, `isaid:PATH`, `voc:PATH`, `pascal_context:PATH` (59
+classes), `pascal_context60:PATH` (see voc.py), `tfds:ade20k_semantic[:DATA_DIR]`. Each dataset has
 `num_classes`, `class_names`, `palette` ((N, 3) uint8 RGB), `len(ds)` and
 `ds[i] -> (RGB uint8 (H, W, 3), uint8 label (H, W))`, 255 = ignore.
 """
@@ -14,6 +15,7 @@ import numpy as np
 from segnext_jax.data.files import DataError, DataWarning, MissingDataError, read_image
 from segnext_jax.data.folder import LAYOUTS, SPLITS, FolderDataset, folder_dataset
 from segnext_jax.data.synthetic import Synthetic
+from segnext_jax.data.voc import DEVKIT_LAYOUTS, devkit_dataset
 
 __all__ = ["DATASET_DEFAULTS", "DataError", "DataWarning", "FolderDataset", "MissingDataError",
            "SegDataset", "Synthetic", "check", "dataset_kind", "make_dataset", "read_image"]
@@ -46,6 +48,27 @@ DATASET_DEFAULTS = {
   "coco_stuff": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
                      eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
                      steps=80_000, **_PIPELINE),
+  # Pascal VOC 2012 + SBD aug: crop, scales as mmseg 1.x _base_/datasets/pascal_voc12_aug.py
+  # (RandomResize/Resize scale (2048, 512), crop (512, 512)); 80k iters and batch 16: SegNeXt paper
+  # Sec. 4 and appendix Tab. 1 (trainaug; its test-server runs fine-tune 80k more on trainval);
+  # eval whole, as every SegNeXt config's test_cfg
+  "voc": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
+              eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
+              steps=80_000, **_PIPELINE),
+  # Pascal Context 59: crop 480, scales (520, 520) as mmseg 1.x _base_/datasets/pascal_context_59.py;
+  # 80k iters, batch 16: SegNeXt paper Sec. 4 and appendix Tab. 1; eval whole (SegNeXt test_cfg)
+  "pascal_context": dict(crop_size=480, resize_scale=(520, 520), eval_scale=(520, 520),
+                         eval_mode="whole", eval_crop=(480, 480), eval_stride=(320, 320),
+                         steps=80_000, **_PIPELINE),
+  # Pascal Context 60: the same recipe, mmseg 1.x _base_/datasets/pascal_context.py
+  "pascal_context60": dict(crop_size=480, resize_scale=(520, 520), eval_scale=(520, 520),
+                           eval_mode="whole", eval_crop=(480, 480), eval_stride=(320, 320),
+                           steps=80_000, **_PIPELINE),
+  # iSAID: crop 896, scales (896, 896) as mmseg 1.x _base_/datasets/isaid.py; 160k iters, batch 16,
+  # test_cfg whole: JSeg project/segnext/*/segnext_*_896x896_isaid_160k.py, paper appendix Tab. 1
+  "isaid": dict(crop_size=896, resize_scale=(896, 896), eval_scale=(896, 896),
+                eval_mode="whole", eval_crop=(896, 896), eval_stride=(597, 597),
+                steps=160_000, **_PIPELINE),
   # custom data: the ADE20K recipe, which mmseg's custom-dataset tutorial starts from
   "folder": dict(crop_size=512, resize_scale=(2048, 512), eval_scale=(2048, 512),
                  eval_mode="whole", eval_crop=(512, 512), eval_stride=(341, 341),
@@ -79,12 +102,13 @@ def _parse(spec: str) -> tuple[str, str]:
     return kind, arg
   if kind == "synthetic" and not arg:
     return kind, arg
-  if kind in LAYOUTS:
+  if kind in LAYOUTS or kind in DEVKIT_LAYOUTS:
     if not arg:
       raise ValueError(f"{kind} needs a path: --data {kind}:PATH")
     return kind, arg
   raise ValueError(f"unknown dataset {spec!r}; use synthetic, folder:PATH, ade20k:PATH, "
-                   f"cityscapes:PATH, coco_stuff:PATH or tfds:{TFDS_NAME}[:DATA_DIR]")
+                   "cityscapes:PATH, coco_stuff:PATH, isaid:PATH, voc:PATH, pascal_context:PATH, "
+                   f"pascal_context60:PATH or tfds:{TFDS_NAME}[:DATA_DIR]")
 
 
 def dataset_kind(spec: str) -> str:
@@ -108,6 +132,8 @@ def make_dataset(spec: str, split: str) -> SegDataset:
                         "pip install -e .[tfds]") from None
     data_dir = arg.partition(":")[2] or None
     return TFDSADE20K("train" if split == "train" else "validation", data_dir)
+  if kind in DEVKIT_LAYOUTS:
+    return devkit_dataset(kind, arg, split)
   return folder_dataset(kind, arg, split)
 
 

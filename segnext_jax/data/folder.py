@@ -1,5 +1,5 @@
 """Datasets stored as image and mask folders, one LAYOUTS row each: mmseg's custom layout
-(`folder:PATH`), ADE20K, Cityscapes and COCO-Stuff 164k, with mmseg BaseSegDataset semantics.
+(`folder:PATH`), ADE20K, Cityscapes, COCO-Stuff 164k and iSAID, with mmseg BaseSegDataset semantics.
 
 `folder:PATH` expects
   PATH/img_dir/{train,val}/**/NAME{img_suffix}       images (searched recursively)
@@ -30,6 +30,7 @@ from segnext_jax.data.ade20k_classes import ADE20K
 from segnext_jax.data.cityscapes_classes import CITYSCAPES
 from segnext_jax.data.coco_stuff_classes import COCO_STUFF
 from segnext_jax.data.files import DataError, MissingDataError
+from segnext_jax.data.isaid_classes import ISAID
 
 SPLITS = ("train", "val")
 
@@ -55,6 +56,9 @@ LAYOUTS = {
                        raw_seg_map_suffix="_gtFine_labelIds.png"),
   "coco_stuff": Layout("images/{split}", "annotations/{split}", ("train2017", "val2017"),
                        ".jpg", "_labelTrainIds.png", COCO_STUFF, raw_seg_map_suffix=".png"),
+  # mmseg's isaid converter: 896x896 patches (BMP data under .png names), class-id mask PNGs
+  "isaid": Layout("img_dir/{split}", "ann_dir/{split}", ("train", "val"), ".png",
+                  "_instance_color_RGB.png", ISAID),
   "folder": Layout("img_dir/{split}", "ann_dir/{split}", ("train", "val"), ".jpg", ".png"),
 }
 FOLDER_KEYS = ("classes", "palette", "img_suffix", "seg_map_suffix", "reduce_zero_label", "split")
