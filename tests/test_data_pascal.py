@@ -71,11 +71,11 @@ def write_split(path: Path, names) -> None:
   path.write_text("".join(n + "\n" for n in names))
 
 
-def make_voc(root: Path, aug: bool = True) -> Path:
+def make_voc(root: Path, aug: bool = True, sizes=SIZES) -> Path:
   """VOCdevkit/VOC2012: palette PNGs in SegmentationClass, grey SBD masks in SegmentationClassAug."""
   rng = np.random.default_rng(0)
   for i, name in enumerate(VOC_TRAIN + VOC_VAL + ["2007_000999"]):  # the last: in no list
-    hw = SIZES[i % 3]
+    hw = sizes[i % len(sizes)]
     write_image(root / "JPEGImages" / f"{name}.jpg", rng, hw)
     write_png(root / "SegmentationClass" / f"{name}.png", random_label(rng, hw, 21), "P",
               voc_colormap())
@@ -83,18 +83,18 @@ def make_voc(root: Path, aug: bool = True) -> Path:
   write_split(root / "ImageSets/Segmentation/val.txt", VOC_VAL)
   if aug:
     for i, name in enumerate(VOC_AUG):
-      hw = SIZES[(i + 1) % 3]
+      hw = sizes[(i + 1) % len(sizes)]
       write_image(root / "JPEGImages" / f"{name}.jpg", rng, hw)
       write_png(root / "SegmentationClassAug" / f"{name}.png", random_label(rng, hw, 21, False))
     write_split(root / "ImageSets/Segmentation/aug.txt", VOC_AUG)
   return root
 
 
-def make_context(root: Path) -> Path:
+def make_context(root: Path, sizes=SIZES) -> Path:
   """VOCdevkit/VOC2010 as mmseg's pascal_context converter leaves it: 0..59 grey PNGs."""
   rng = np.random.default_rng(1)
   for i, name in enumerate(CONTEXT_TRAIN + CONTEXT_VAL):
-    hw = SIZES[i % 3]
+    hw = sizes[i % len(sizes)]
     write_image(root / "JPEGImages" / f"{name}.jpg", rng, hw)
     label = random_label(rng, hw, 60, border=False)
     label[0, :4] = 0  # background: ignored in the 59-class setting
@@ -104,12 +104,12 @@ def make_context(root: Path) -> Path:
   return root
 
 
-def make_isaid(root: Path) -> Path:
+def make_isaid(root: Path, sizes=SIZES) -> Path:
   """mmseg's isaid converter output: BMP data under .png names, 'P' class-id masks, 255 padding."""
   rng = np.random.default_rng(2)
   for split, names in ISAID_NAMES.items():
     for i, name in enumerate(names):
-      hw = SIZES[i % 3]
+      hw = sizes[i % len(sizes)]
       write_image(root / "img_dir" / split / f"{name}.png", rng, hw, fmt="BMP")
       write_png(root / "ann_dir" / split / f"{name}_instance_color_RGB.png",
                 random_label(rng, hw, 16), "P", GREY)
@@ -286,10 +286,37 @@ def test_context_and_isaid_bad_data_names_the_file(tmp_path):
     make_dataset(f"voc:{tmp_path / 'nowhere'}", "val")
 
 
-@pytest.mark.parametrize("kind", ["voc", "pascal_context", "isaid"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_train_loader_batches_from_each_layout(tmp_path, kind):
+  """What train.py does before its first step, per layout: the kind's preset, both splits checked,
+  and the train split (VOC: with the aug set) through the train pipeline into a batch."""
+  from segnext_jax.config import load_preset, make_config, preset_for_data
+  from segnext_jax.data.loader import TrainLoader
+  from segnext_jax.data.transforms import TrainPipeline
+  from segnext_jax.train_lib import prepare_data
+  spec = f"{kind}:{MAKERS[kind](tmp_path / kind)}"
+  cfg = make_config(load_preset(preset_for_data(spec)), dict(data=spec, batch_size=4))
+  assert (cfg.crop_size, cfg.steps) == (DATASET_DEFAULTS[kind]["crop_size"],
+                                        DATASET_DEFAULTS[kind]["steps"])
+  train_ds, val_ds = prepare_data(cfg)
+  loader = TrainLoader(train_ds, TrainPipeline(crop=(32, 32), scale=(64, 32)), 4, seed=0,
+                       workers=1)
+  try:
+    _, batch = next(iter(loader))
+  finally:
+    loader.close()
+  assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].shape == (4, 32, 32)
+  assert set(np.unique(batch["label"]).tolist()) <= set(range(train_ds.num_classes)) | {255}
+  assert val_ds.class_names == train_ds.class_names
+
+
+# One layout trains in the default suite (each compiles its own init and step for its class
+# count: ~30 s cold on 2 cores); the others run with -m slow.
+@pytest.mark.parametrize("kind", ["voc", pytest.param("pascal_context", marks=pytest.mark.slow),
+                                  pytest.param("isaid", marks=pytest.mark.slow)])
 def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
   """train.py --data KIND:PATH (its preset, tiny overrides) -> eval.py --data --out, in-process."""
-  root = MAKERS[kind](tmp_path / kind)
+  root = MAKERS[kind](tmp_path / kind, sizes=[(32, 32)])  # one eval shape: one compile
   spec, wd, out = f"{kind}:{root}", tmp_path / "run", tmp_path / "r.json"
   with contextlib.redirect_stdout(io.StringIO()) as log:
     assert load_script("train").main([
