@@ -29,6 +29,7 @@ class TrainConfig:
   model_overrides: dict = dataclasses.field(default_factory=dict, metadata={
       "help": 'extra segnext() kwargs as JSON, e.g. \'{"depths": [1, 1, 1, 1]}\''})
   data: str = _f("synthetic", "synthetic | ade20k:PATH | cityscapes:PATH | coco_stuff:PATH | "
+                 "voc:PATH | pascal_context:PATH | pascal_context60:PATH | isaid:PATH | "
                  "folder:PATH | tfds:ade20k_semantic[:DATA_DIR]")
   workdir: str = _f("runs/segnext", "checkpoints, config.json, metrics.jsonl, TensorBoard events")
   pretrained: str = _f("", "ImageNet MSCAN .pth (mmseg/official), segmentor .pth or converted dir")
