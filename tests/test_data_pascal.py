@@ -19,13 +19,14 @@ from segnext_jax.data.datasets import (DATASET_DEFAULTS, DataError, MissingDataE
                                        dataset_kind, make_dataset)
 from test_cli import load_script
 
-# per kind: mmseg's config, class count, and the names of the split lists (in list order)
+# per kind: mmseg 1.x's _base_/datasets config
 KINDS = {"voc": "pascal_voc12_aug.py", "pascal_context": "pascal_context_59.py",
          "pascal_context60": "pascal_context.py", "isaid": "isaid.py"}
-VOC_TRAIN, VOC_VAL, VOC_AUG = ["2007_000039", "2007_000032"], ["2007_000129", "2007_000033"], \
-    ["2008_000010", "2007_000009"]
-CONTEXT_TRAIN, CONTEXT_VAL = ["2008_000002", "2008_000003", "2008_000007"], ["2008_000008",
-                                                                             "2008_000009"]
+# names in split-list order (VOC's lists unsorted on purpose: items follow the list)
+VOC_TRAIN, VOC_VAL = ["2007_000039", "2007_000032"], ["2007_000129", "2007_000033"]
+VOC_AUG = ["2008_000010", "2007_000009"]
+CONTEXT_TRAIN = ["2008_000002", "2008_000003", "2008_000007"]
+CONTEXT_VAL = ["2008_000008", "2008_000009"]
 ISAID_NAMES = {"train": ["P0002_0_896_0_896", "P0002_0_896_512_1408", "P0000_0_896_0_896"],
                "val": ["P0010_512_1408_0_896", "P0003_0_896_0_896"]}
 SIZES = [(24, 32), (30, 22), (28, 36)]
