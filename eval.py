@@ -2,13 +2,13 @@
 
   python eval.py converted/segnext_t --data ade20k:/data/ADEChallengeData2016 [--tta] [--out r.json]
   python eval.py runs/synthetic                 # a train.py workdir, on its own validation data
+  python eval.py runs/synthetic --step 300      # a chosen step (or: runs/synthetic/checkpoints/300)
 NMF bases are the fixed ones stored with the checkpoint (or drawn from --nmf-seed): every image
 gets one answer whatever its batch or order, and two runs print identical numbers.
 """
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
@@ -44,31 +44,34 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+  """Exit status 0, or 2 with one line naming the bad path, step, file or setting (130: Ctrl-C)."""
+  return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
   from segnext_jax.data.datasets import check, make_dataset
   from segnext_jax.eval_lib import evaluate
   from segnext_jax.inference import Predictor
-  try:
-    run = inference_cli.load(args, batch_size=args.batch_size)
-    data = args.data or (run.meta.get("config") or {}).get("data")
-    if data is None:
-      raise ValueError("--data is required for a converted checkpoint")
-    dataset = make_dataset(data, "val")
-    check(dataset)  # every file readable and labels in range, before any compute
-    if dataset.num_classes != run.model.num_classes:
-      raise ValueError(f"the model predicts {run.model.num_classes} classes, {data} has "
-                       f"{dataset.num_classes}")
-  except (FileNotFoundError, ValueError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"test pipeline: {inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
+  meta = inference_cli.read_meta(args)  # path and step checked before anything heavy
+  data = args.data or (meta.get("config") or {}).get("data")
+  if data is None:
+    raise ValueError("--data is required for a converted checkpoint")
+  dataset = make_dataset(data, "val")
+  check(dataset, decode_images=True)  # every image decodes, labels in range: before the model loads
+  run = inference_cli.load(args, batch_size=args.batch_size)
+  if dataset.num_classes != run.model.num_classes:
+    raise ValueError(f"the model predicts {run.model.num_classes} classes, {data} has "
+                     f"{dataset.num_classes}")
+  print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
+        f"{inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
   res = evaluate(Predictor.for_model(run.model, run.cfg), run.variables, dataset, args.max_images)
   names = run.meta.get("class_names") or list(dataset.class_names)
   print(format_table(res, names))
   if args.out:
-    settings = {**vars(args), "data": data, "test_pipeline": inference_cli.describe(run.cfg),
-                "nmf_bases": run.bases}
+    settings = {**vars(args), "checkpoint": str(args.checkpoint), "data": data,
+                "test_pipeline": inference_cli.describe(run.cfg), "nmf_bases": run.bases}
     with open(args.out, "w") as f:
       json.dump(to_json(res, names, settings), f, indent=2)
     print(f"wrote {args.out}")
@@ -76,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

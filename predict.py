@@ -8,7 +8,6 @@ bases, so a map does not depend on which other images are given, or in what orde
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
@@ -57,13 +56,28 @@ def overlay_with_legend(img: np.ndarray, pred: np.ndarray, colors: np.ndarray, n
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
+  """The image files given and those in the folders given; ValueError for a path that does not
+  exist, a folder without images, or nothing found at all."""
   files = []
   for item in map(Path, inputs):
     if item.is_dir():
-      files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
+      found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+      if not found:
+        raise ValueError(f"{item}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+      files += found
+    elif item.exists():
       files.append(item)
+    else:
+      raise FileNotFoundError(f"{item}: no such file or directory")
   return files
+
+
+def check_images(files: list[Path]) -> None:
+  """Every image decodes (DataError naming the first that does not), before the model loads and
+  before anything is written."""
+  from segnext_jax.data.datasets import read_image
+  for path in files:
+    read_image(path)
 
 
 def build_parser():
@@ -82,38 +96,38 @@ def write_outputs(out: Path, stem: str, img: np.ndarray, pred: np.ndarray, color
 
 
 def main(argv=None) -> int:
+  """Exit status 0, or 2 with one line naming the bad path, image or checkpoint (130: Ctrl-C);
+  inputs are checked before the model loads, and nothing is written unless all of them read."""
+  return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
   from segnext_jax.data.datasets import read_image
   from segnext_jax.inference import Predictor
-  try:
-    run = inference_cli.load(args)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  k = run.model.num_classes
+  files = collect_images(args.images)
+  meta = inference_cli.read_meta(args)
+  k = (meta.get("model") or {}).get("num_classes", 150)
   if k > 256:
-    print(f"error: {k} classes do not fit the uint8 class map", file=sys.stderr)
-    return 2
+    raise ValueError(f"{k} classes do not fit the uint8 class map")
+  check_images(files)
+  run = inference_cli.load(args)
+  k = run.model.num_classes
   names, colors = class_names(run.meta, k), palette(run.meta, k)
   predictor = Predictor.for_model(run.model, run.cfg)
-  print(f"test pipeline: {inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
+  print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
+        f"{inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  failed = 0
-  for path in collect_images(args.images):
-    try:
-      img = read_image(path)
-    except (ValueError, OSError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      failed += 1
-      continue
+  for path in files:
+    img = read_image(path)
     pred = predictor.classes(run.variables, img)
     write_outputs(out, path.stem, img, pred, colors, names)
     present = ", ".join(str(names[c]) for c in np.unique(pred))
     print(f"{path}: {img.shape[1]}x{img.shape[0]} -> {out}/{path.stem}_*.png ({present})")
-  return 1 if failed else 0
+  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

@@ -6,7 +6,9 @@
   python train.py --config runs/l/config.json      # replay a run's saved config (later flags win)
 The config is TrainConfig's defaults (mmseg's ADE20K recipe) <- --config (a preset name, by default
 the one --data implies, or a saved config.json) <- the flags given. Re-running with the same
---workdir resumes from its latest checkpoint; a different recipe there is refused.
+--workdir resumes from its latest complete checkpoint; a different recipe there is refused.
+SIGTERM or Ctrl-C saves the step the run is at and exits 143/130 (a second one: at once); what
+happens on every other fault (disk full, NaN, a second run, a damaged step) is in docs/faults.md.
 Multi-host: add --distributed on every host (jax.distributed.initialize reads the cluster from
 the environment); each process loads only its shard of every global batch.
 """
@@ -77,28 +79,29 @@ def _compile_cache(path: str | None) -> None:
 
 
 def main(argv=None) -> int:
+  """Exit status: 0 done (or nothing to do), 2 a one-line error (settings, data, recipe, lock,
+  disk, non-finite loss, unreadable checkpoint), 143/130 stopped by SIGTERM/SIGINT after saving
+  the step it was at (docs/faults.md)."""
+  return cli.run(_main, argv)
+
+
+def _main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    cfg, distributed, cache = resolve(argv)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  cfg, distributed, cache = resolve(argv)
   if distributed:
     import jax
     jax.distributed.initialize()
   _compile_cache(cache)
   from segnext_jax.train_lib import train_and_evaluate
-  try:
-    result = train_and_evaluate(cfg)
-  except (ValueError, FileNotFoundError, ImportError) as e:  # bad data, recipe mismatch, ...
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if result["history"]["eval"]:
+  result = train_and_evaluate(cfg)
+  if result.get("nothing_to_do"):
+    print(result["nothing_to_do"])
+  elif result["history"]["eval"]:
     step, miou, aacc = result["history"]["eval"][-1]
     print(f"final (step {step}): val mIoU {100 * miou:.2f}, aAcc {100 * aacc:.2f}; workdir {cfg.workdir}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main())

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from segnext_jax import convert_map, torch_io
+from segnext_jax import cli, convert_map, torch_io
 from segnext_jax.checkpoint import save_converted
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("checkpoint", type=Path, help="mmseg/official .pth (segmentor or MSCAN backbone)")
   p.add_argument("-o", "--out", type=Path, help="output directory (default: <checkpoint stem>_jax)")
@@ -30,15 +29,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--force", action="store_true", help="replace an existing output directory")
   args = p.parse_args(argv)
   out = args.out or args.checkpoint.with_name(args.checkpoint.stem + "_jax")
-  try:
-    if out.exists() and not args.force:
-      raise convert_map.ConversionError(f"{out} already exists (use --force to replace it)")
-    variables, meta, report = torch_io.convert_file(args.checkpoint, args.variant, args.nmf_rank,
-                                                    args.nmf_seed, args.trust_pickle)
-    save_converted(out, variables, meta, overwrite=args.force)
-  except convert_map.ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if out.exists() and not args.force:
+    raise convert_map.ConversionError(f"{out} already exists (use --force to replace it)")
+  variables, meta, report = torch_io.convert_file(args.checkpoint, args.variant, args.nmf_rank,
+                                                  args.nmf_seed, args.trust_pickle)
+  save_converted(out, variables, meta, overwrite=args.force)
   print(f"{report.source_format}: variant {report.variant}, num_classes {report.num_classes}, "
         f"{report.converted} tensors converted, {len(report.ignored)} ignored"
         + (f" ({', '.join(report.ignored[:4])}{' ...' if len(report.ignored) > 4 else ''})" if report.ignored else ""))
@@ -48,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Exit status 0, or 2 with one line naming the file and what is wrong with it (130: Ctrl-C)."""
+  return cli.run(_main, argv)
+
+
 if __name__ == "__main__":
   logging.getLogger("absl").setLevel(logging.ERROR)
-  sys.exit(main())
+  cli.exit_with(main())

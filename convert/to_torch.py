@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import pprint
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segnext_jax import checkpoint, convert_map
+from segnext_jax import checkpoint, cli, convert_map
 from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import SegNeXt
@@ -66,9 +65,7 @@ def torch_meta(model: SegNeXt, variables: dict, meta: dict[str, Any], step: int 
 def export_checkpoint(ckpt_dir: str | Path, out: str | Path, step: int | None = None) -> dict:
   """Load DIR (latest step) and write its mmseg .pth; returns the written object."""
   import torch
-  if step is None:
-    with checkpoint.manager(ckpt_dir) as mngr:
-      step = checkpoint.latest_step(mngr, ckpt_dir)
+  ckpt_dir, step = checkpoint.resolve(ckpt_dir, step)
   model, variables, meta = checkpoint.load(ckpt_dir, step, backbone_only_ok=True)
   sd = convert_map.export_state_dict(variables, backbone_only=bool(meta.get("backbone_only")))
   obj = dict(meta=torch_meta(model, variables, meta, step),
@@ -78,17 +75,13 @@ def export_checkpoint(ckpt_dir: str | Path, out: str | Path, step: int | None = 
   return obj
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("checkpoint", type=Path, help="segnext-jax checkpoint directory (converted or train.py)")
   p.add_argument("-o", "--out", type=Path, required=True, help="output .pth")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   args = p.parse_args(argv)
-  try:
-    obj = export_checkpoint(args.checkpoint, args.out, args.step)
-  except (FileNotFoundError, convert_map.ConversionError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  obj = export_checkpoint(args.checkpoint, args.out, args.step)
   ours = obj["meta"]["segnext_jax"]
   what = "MSCAN backbone" if ours["nmf_bases"] is None else f"NMF rank {ours['nmf_rank']}"
   print(f"variant {ours['variant']}, {what}: {len(obj['state_dict'])} tensors (mmseg 1.x keys); "
@@ -96,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """Exit status 0, or 2 with one line naming the bad path or step (130: Ctrl-C)."""
+  return cli.run(_main, argv)
+
+
 if __name__ == "__main__":
   logging.getLogger("absl").setLevel(logging.ERROR)
-  sys.exit(main())
+  cli.exit_with(main())

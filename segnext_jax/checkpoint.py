@@ -7,10 +7,17 @@
 `convert/from_torch.py` writes step 0 of a fresh DIR; `train.py` writes steps of its workdir.
 `load(DIR)` reads the latest step of either, restoring onto the devices of THIS process, so a
 checkpoint written on 8 devices (or 2 processes) loads on 1 and the other way round.
+
+A *complete* step is a step directory holding every item it needs; an interrupted save leaves
+`<step>.orbax-checkpoint-tmp*` (never a step), a damaged step found on resume is renamed
+`<step>.unreadable` (kept for inspection, never a step again). `complete_steps` is the one answer
+to "which steps are there?" (and so to "is this a resume?").
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,14 +30,25 @@ from segnext_jax.model import SegNeXt, abstract_variables, segnext
 
 ITEMS = ("model", "opt", "meta")
 SUBDIR = "checkpoints"
+TMP_MARK = ".orbax-checkpoint-tmp"
+UNREADABLE = ".unreadable"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+log = logging.getLogger("segnext_jax.checkpoint")
 
 
-def manager(ckpt_dir: str | os.PathLike, keep: int | None = None,
-            create: bool = False) -> ocp.CheckpointManager:
-  """The orbax manager of DIR/checkpoints (keep: how many steps to keep, None = all)."""
+class CheckpointError(ValueError):
+  """A path that is not a usable checkpoint, or a step that cannot be read; one line."""
+
+
+def manager(ckpt_dir: str | os.PathLike, keep: int | None = None, create: bool = False,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """The orbax manager of DIR/checkpoints (keep: how many steps to keep, None = all).
+  async_save=False: `save` returns once the step is on disk and raises its own failure there."""
   return ocp.CheckpointManager(
       Path(ckpt_dir).absolute() / SUBDIR, item_names=ITEMS,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=async_save))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, variables: dict, meta: dict[str, Any],
@@ -50,27 +68,118 @@ def save_converted(out_dir: str | os.PathLike, variables: dict, meta: dict[str, 
     if not overwrite:
       raise FileExistsError(f"{out} already exists (pass overwrite / --force to replace it)")
     shutil.rmtree(out)
-  with manager(out, create=True) as mngr:
-    save(mngr, 0, variables, meta)
-    mngr.wait_until_finished()
+  try:
+    with manager(out, create=True) as mngr:
+      save(mngr, 0, variables, meta)
+      mngr.wait_until_finished()
+  except BaseException:  # a failed or interrupted write leaves nothing half-written
+    shutil.rmtree(out, ignore_errors=True)
+    raise
   return out
 
 
-def latest_step(mngr: ocp.CheckpointManager, ckpt_dir) -> int:
-  step = mngr.latest_step()
+# ---------------------------------------------------------------------------------------------
+# Which steps a directory holds
+
+def _step_names(ckpt_dir: str | os.PathLike) -> list[Path]:
+  sub = Path(ckpt_dir) / SUBDIR
+  return sorted(sub.iterdir()) if sub.is_dir() else []
+
+
+def complete_steps(ckpt_dir: str | os.PathLike, items: tuple[str, ...] = ("model", "meta")) -> list[int]:
+  """The steps of DIR/checkpoints whose directory holds every one of `items`, ascending."""
+  return sorted(int(p.name) for p in _step_names(ckpt_dir)
+                if p.name.isdigit() and p.is_dir() and all((p / i).is_dir() for i in items))
+
+
+def leftovers(ckpt_dir: str | os.PathLike, items: tuple[str, ...] = ("model", "meta")) -> list[Path]:
+  """Entries of DIR/checkpoints that are not complete steps: unfinished saves
+  (*.orbax-checkpoint-tmp*), step directories missing an item, anything foreign."""
+  done = {str(s) for s in complete_steps(ckpt_dir, items)}
+  return [p for p in _step_names(ckpt_dir) if p.name not in done and not p.name.endswith(UNREADABLE)]
+
+
+def clean_unfinished(ckpt_dir: str | os.PathLike, items: tuple[str, ...]) -> list[Path]:
+  """Warn about every leftover entry; remove the unfinished saves and incomplete step directories
+  (only a run holding the workdir lock may call this: no other writer exists). Foreign entries
+  are left in place."""
+  removed = []
+  for p in leftovers(ckpt_dir, items):
+    ours = TMP_MARK in p.name or re.fullmatch(r"\d+", p.name)
+    if ours:
+      log.warning("%s: an unfinished checkpoint (an interrupted save); ignored and removed", p)
+      shutil.rmtree(p) if p.is_dir() else p.unlink()
+      removed.append(p)
+    else:
+      log.warning("%s: not a checkpoint step; ignored", p)
+  return removed
+
+
+def set_aside(ckpt_dir: str | os.PathLike, step: int) -> Path:
+  """Rename an unreadable step to <step>.unreadable (kept, no longer a step)."""
+  src = Path(ckpt_dir) / SUBDIR / str(step)
+  dst = src.with_name(src.name + UNREADABLE)
+  n = 1
+  while dst.exists():
+    dst, n = src.with_name(f"{src.name}{UNREADABLE}.{n}"), n + 1
+  src.rename(dst)
+  return dst
+
+
+def describe_path(path: Path) -> str:
+  """What a path that is not a checkpoint directory is, for the one-line refusal."""
+  if not path.exists():
+    return f"{path}: no such file or directory"
+  if path.is_file():
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
+      return (f"{path}: a torch checkpoint file, not a segnext-jax checkpoint directory; convert "
+              "it first: python convert/from_torch.py " + str(path))
+    kind = "an image" if path.suffix.lower() in IMAGE_SUFFIXES else "a file"
+    return f"{path}: {kind}, not a segnext-jax checkpoint directory"
+  return (f"{path}: not a segnext-jax checkpoint (no {SUBDIR}/<step> inside; convert a .pth with "
+          "convert/from_torch.py or train with train.py)")
+
+
+def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
+  """(checkpoint dir, step) for a checkpoint dir, a train.py workdir, or DIR/checkpoints/<step>
+  (`step` None: the given or latest complete one). CheckpointError names what is wrong."""
+  path = Path(path)
+  if path.name.isdigit() and path.parent.name == SUBDIR and path.is_dir():
+    if step is not None and step != int(path.name):
+      raise CheckpointError(f"{path} is step {path.name}, but --step {step} was given")
+    path, step = path.parent.parent, int(path.name)
+  elif path.name == SUBDIR and path.is_dir():
+    path = path.parent
+  steps = complete_steps(path)
+  if not steps:
+    raise CheckpointError(describe_path(path))
   if step is None:
-    raise FileNotFoundError(f"{ckpt_dir}: not a segnext-jax checkpoint (no {SUBDIR}/<step>; "
-                            "convert a .pth with convert/from_torch.py or train with train.py)")
-  return step
+    return path, steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"{path} has no complete step {step} (steps: "
+                          f"{', '.join(map(str, steps))})")
+  return path, step
+
+
+def latest_step(mngr: ocp.CheckpointManager, ckpt_dir) -> int:
+  return resolve(ckpt_dir)[1]
+
+
+def _unreadable(path: Path, step: int, e: Exception) -> CheckpointError:
+  others = [s for s in complete_steps(path) if s != step]
+  hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
+  return CheckpointError(f"{path / SUBDIR / str(step)}: cannot be read ("
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}){hint}")
 
 
 def read_meta(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
   """The metadata of DIR's latest (or given) step."""
-  if not (Path(ckpt_dir) / SUBDIR).is_dir():
-    raise FileNotFoundError(f"{ckpt_dir}: not a segnext-jax checkpoint (no {SUBDIR}/)")
-  with manager(ckpt_dir) as mngr:
-    step = latest_step(mngr, ckpt_dir) if step is None else step
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+  path, step = resolve(ckpt_dir, step)
+  with manager(path) as mngr:
+    try:
+      return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    except Exception as e:  # orbax raises many kinds on damaged files
+      raise _unreadable(path, step, e) from None
 
 
 def build_model(meta: dict[str, Any], **overrides: Any) -> SegNeXt:
@@ -94,7 +203,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, **targets: Any) -> dict[str,
 
 def load(ckpt_dir: str | os.PathLike, step: int | None = None, *, backbone_only_ok: bool = False,
          **overrides: Any) -> tuple[SegNeXt, dict, dict[str, Any]]:
-  """(model, variables, meta) of a converted checkpoint or a train.py workdir (latest step)."""
+  """(model, variables, meta) of a converted checkpoint or a train.py workdir (latest step, or
+  `step`; ckpt_dir may also be DIR/checkpoints/<step>)."""
+  ckpt_dir, step = resolve(ckpt_dir, step)
   meta = read_meta(ckpt_dir, step)
   if meta.get("backbone_only") and not backbone_only_ok:
     raise ValueError(f"{ckpt_dir} holds only an MSCAN backbone; use it as train.py --pretrained")
@@ -104,8 +215,10 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, *, backbone_only_
     flat = traverse_util.flatten_dict(target)
     target = traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[1] == "backbone"})
   with manager(ckpt_dir) as mngr:
-    variables = restore(mngr, latest_step(mngr, ckpt_dir) if step is None else step,
-                        model=on_devices(target))["model"]
+    try:
+      variables = restore(mngr, step, model=on_devices(target))["model"]
+    except Exception as e:  # orbax raises many kinds on damaged files
+      raise _unreadable(Path(ckpt_dir), step, e) from None
   return model, dict(variables), meta
 
 

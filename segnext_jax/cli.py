@@ -1,12 +1,24 @@
 """What every command-line entry point shares: flag spelling, the compile cache, error exits.
 
-Flags are spelled `--batch-size`; `--batch_size` is accepted as an alias everywhere.
+Flags are spelled `--batch-size`; `--batch_size` is accepted as an alias everywhere. Every script's
+`main` is `cli.run(_main, argv)`: an expected failure (bad input, a fault) ends as one line on
+stderr and exit status 2 (a graceful stop: 128 + the signal), Ctrl-C as one line and 130, never a
+traceback; SEGNEXT_JAX_TRACEBACK=1 shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
+from typing import Callable, Sequence
+
+from segnext_jax import faults
+
+# Failures that are the input's or the environment's, not a bug: one line, exit 2. Data, config,
+# checkpoint and conversion errors are ValueErrors (DataError, RecipeMismatch, ConversionError...).
+EXPECTED = (faults.Fault, ValueError, OSError, ImportError)
 
 DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
 FAST_CPU_HINT = ("On Linux, segnext_jax sets glibc's malloc to reuse XLA's freed step buffers instead "
@@ -46,3 +58,41 @@ COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JA
 
 def quiet_absl() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def one_line(e: BaseException) -> str:
+  """An exception as one line: its first line, or its type when it has no message."""
+  if isinstance(e, OSError) and e.strerror and e.filename:
+    return f"{e.filename}: {e.strerror}"
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+  """main(argv), with expected failures and Ctrl-C turned into one line on stderr and an exit
+  status (2, a fault's own status, or 130)."""
+  with faults.quiet_async_errors():
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      if os.environ.get("SEGNEXT_JAX_TRACEBACK"):
+        raise
+      print("interrupted (Ctrl-C)", file=sys.stderr)
+      return 130
+    except EXPECTED as e:
+      if os.environ.get("SEGNEXT_JAX_TRACEBACK"):
+        raise
+      code, prefix = (e.exit_code, e.prefix) if isinstance(e, faults.Fault) else (2, "error")
+      print(f"{prefix}: {one_line(e)}", file=sys.stderr)
+      return code
+
+
+def exit_with(code: int) -> None:
+  """End a script with `code`; after a failure, without waiting for orbax's abandoned writer
+  threads (whose interpreter-shutdown noise would follow the one line)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()
+  if code:
+    os._exit(code)
+  sys.exit(code)

@@ -20,6 +20,9 @@ PIPELINE_HELP = (
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
   """The inference flags of eval.py and predict.py."""
+  cli.add_flag(parser, "step", type=int, default=None,
+               help="checkpoint step to use (default: the latest complete one; CKPT/checkpoints/N "
+               "as the checkpoint path picks step N too)")
   cli.add_flag(parser, "pipeline", choices=PIPELINES, default="mmseg1", help=PIPELINE_HELP)
   cli.add_flag(parser, "tta", action="store_true",
                help="multi-scale (0.5-1.75) + flip, softmax averaged, as --pipeline defines it")
@@ -49,12 +52,20 @@ class Loaded:
   bases: str  # which NMF bases inference uses, in words
 
 
+def read_meta(args: argparse.Namespace) -> dict:
+  """The checkpoint's metadata (cheap: no arrays), checking the path and step first; pins
+  args.checkpoint/args.step to the directory and step found, which `load` then reads."""
+  from segnext_jax import checkpoint
+  args.checkpoint, args.step = checkpoint.resolve(args.checkpoint, args.step)
+  return checkpoint.read_meta(args.checkpoint, args.step)
+
+
 def load(args: argparse.Namespace, batch_size: int = 1) -> Loaded:
   """Read the checkpoint once and build the inference config from the flags and its run config."""
   from segnext_jax import checkpoint
   from segnext_jax.model import fixed_bases
   cli.enable_compile_cache(args.compile_cache)
-  model, variables, meta = checkpoint.load(args.checkpoint)
+  model, variables, meta = checkpoint.load(args.checkpoint, args.step)
   bases = meta.get("nmf_bases") or "fixed (stored with the checkpoint)"
   if args.nmf_seed is not None:
     variables = {**variables, **fixed_bases(model, args.nmf_seed)}

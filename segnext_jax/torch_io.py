@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +18,67 @@ from segnext_jax.convert_map import ConversionError, Report
 from segnext_jax.model import abstract_variables, fixed_bases, segnext
 
 
+# Leading bytes of files people pass by mistake, named in the refusal.
+MAGIC = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+         (b"\x1f\x8b", "a gzip archive"), (b"%PDF", "a PDF document"),
+         (b"\x93NUMPY", "a NumPy .npy file"), (b"\x89HDF", "an HDF5 file"))
+
+
+def sniff(path: Path) -> str | None:
+  """Why `path` is not a torch checkpoint file, from its first bytes (None: it may be one).
+  torch writes a zip archive (PK..) or, before 1.6, a bare pickle (0x80 ...)."""
+  if path.is_dir():
+    hint = (" (a segnext-jax checkpoint directory already: use it as it is)"
+            if (path / "checkpoints").is_dir() else "")
+    return f"a directory, not a torch checkpoint file{hint}"
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if not head:
+    return "an empty file"
+  if head.startswith(b"PK\x03\x04"):
+    return None if zipfile.is_zipfile(path) else (
+        "truncated or damaged (its zip archive has no central directory): copy it again")
+  if head[:1] == b"\x80":
+    return None
+  for magic, kind in MAGIC:
+    if head.startswith(magic):
+      return f"{kind}, not a torch checkpoint"
+  try:
+    head.decode("utf-8")
+    return "a text file, not a torch checkpoint"
+  except UnicodeDecodeError:
+    return "not a torch checkpoint (neither a zip archive nor a pickle)"
+
+
 def load_torch(path: Path, trust_pickle: bool = False):
-  """torch.load with weights_only=True; full unpickling only when explicitly trusted."""
+  """torch.load with weights_only=True; full unpickling only when explicitly trusted, and only
+  suggested for a readable pickle that stores non-tensor objects."""
   import torch  # conversion-only dependency
-  if not path.is_file():
+  if not path.exists():
     raise ConversionError(f"{path}: no such file")
+  why = sniff(path)
+  if why:
+    raise ConversionError(f"{path}: not a readable torch checkpoint ({why})")
   try:
     return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
-    if "weights_only" in str(e) and not trust_pickle:
+    if "Unsupported global" in str(e) and not trust_pickle:
       raise ConversionError(
-          f"{path}: needs full unpickling (it stores non-tensor objects); re-run with "
-          "--trust-pickle only if you trust its source") from None
-    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
-  except Exception as e:  # torch.load raises many types on garbage (KeyError, EOFError, ...)
-    raise ConversionError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+          f"{path}: needs full unpickling (it stores non-tensor objects: {_global(e)}); re-run "
+          "with --trust-pickle only if you trust its source") from None
+    raise ConversionError(f"{path}: not a readable torch checkpoint (damaged or truncated: "
+                          f"{_first_line(e)})") from None
+  except EOFError:
+    raise ConversionError(f"{path}: not a readable torch checkpoint (truncated: it ends early)") from None
+  except Exception as e:  # torch.load raises many types on garbage (IndexError, RuntimeError, ...)
+    raise ConversionError(f"{path}: not a readable torch checkpoint (damaged or truncated: "
+                          f"{_first_line(e)})") from None
+
+
+def _global(e: Exception) -> str:
+  """The class a weights-only load refused ('GLOBAL pathlib.PosixPath' -> pathlib.PosixPath)."""
+  m = re.search(r"GLOBAL (\S+)", str(e))
+  return m.group(1) if m else "objects torch's safe loader refuses"
 
 
 def _first_line(e: Exception) -> str:

@@ -1,9 +1,12 @@
 """Training: the train state, the sharded train step, run checkpoints and the training loop."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax import checkpoint
+from segnext_jax import checkpoint, faults
 from segnext_jax.config import TrainConfig, recipe_diff, to_json
 from segnext_jax.metric_writer import MetricWriter
 from segnext_jax.loss import seg_cross_entropy
@@ -74,7 +77,10 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   lr = schedule(state.step)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+  grad_norm = optax.global_norm(grads)
+  # one scalar the loop reads a step late (no per-step host sync): see check_finite
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -98,9 +104,88 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints of a run (layout: segnext_jax/checkpoint.py)
 
+RUN_ITEMS = ("model", "opt", "meta")  # what a complete step of a train.py workdir holds
+
+
 def save_state(mngr, state: TrainState, meta: dict) -> None:
   checkpoint.save(mngr, int(state.step), state.variables(), meta,
                   opt={"opt_state": state.opt_state, "step": state.step})
+
+
+def state_bytes(state: TrainState) -> int:
+  """Bytes of what a checkpoint stores (variables, optimizer state)."""
+  return sum(x.nbytes for x in jax.tree.leaves((state.variables(), state.opt_state)))
+
+
+def save_checked(mngr, state: TrainState, meta: dict, step: int, needed: int) -> None:
+  """Save `step` if the disk has room for it (DiskFull before writing anything otherwise); a
+  write that still fails for space is DiskFull too, its unfinished entry removed."""
+  ckpt_dir = Path(mngr.directory)
+  free = faults.free_bytes(ckpt_dir)
+  saved = checkpoint.complete_steps(ckpt_dir.parent, RUN_ITEMS)
+  intact = f"saved steps {', '.join(map(str, saved))} are intact" if saved else "no step saved yet"
+  full = lambda free: faults.DiskFull(
+      f"{ckpt_dir}: no space for the checkpoint of step {step} (needs ~{faults.mb(needed)}, "
+      f"{faults.mb(free)} free); {intact}; free space and re-run the same command to resume")
+  if free < needed:
+    raise full(free)
+  try:
+    with faults.quiet_logs("absl", "asyncio"):
+      save_state(mngr, state, meta)
+  except Exception as e:
+    if not faults.is_disk_full(e):
+      raise
+    with contextlib.suppress(Exception), faults.quiet_logs("absl", "asyncio"):
+      mngr.wait_until_finished()  # orbax's writer threads, before removing what they wrote
+    remove_unfinished(ckpt_dir)
+    raise full(faults.free_bytes(ckpt_dir)) from None
+
+
+def remove_unfinished(ckpt_dir: Path) -> None:
+  """Remove the entries of saves that did not finish (the caller holds the workdir lock)."""
+  for tmp in ckpt_dir.glob(f"*{checkpoint.TMP_MARK}*"):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_space(workdir: Path, needed: int, saves: int) -> None:
+  """Before the first step: refuse when not even one checkpoint fits, warn when the `saves`
+  checkpoints the run will keep do not."""
+  free = faults.free_bytes(workdir)
+  if free < needed:
+    raise faults.DiskFull(f"{workdir}: {faults.mb(free)} free, but one checkpoint needs "
+                          f"~{faults.mb(needed)}; free space or use another --workdir")
+  if free < needed * saves:
+    log.warning("%s: %s free; the %d checkpoints this run keeps need ~%s (each ~%s)", workdir,
+                faults.mb(free), saves, faults.mb(needed * saves), faults.mb(needed))
+
+
+def restore_latest(mngr, state: TrainState, steps: list[int], mesh: jax.sharding.Mesh) -> TrainState:
+  """The newest step that restores. A newer one that does not is renamed <step>.unreadable with
+  a warning naming it, but only once an older step restored: that proves the model and the
+  reader fit, so the newer step is damaged (a model that no longer fits any step stops with
+  the newest step's error, setting nothing aside). In a multi-process run: stop, never rename."""
+  bad: list[tuple[int, str]] = []
+  for step in reversed(steps):
+    try:
+      restored = restore_state(mngr, state, step, mesh)
+    except Exception as e:  # orbax/tensorstore raise many kinds on damaged files
+      bad.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:160]))
+      if jax.process_count() > 1:
+        break
+      continue
+    ckpt_dir = Path(mngr.directory)
+    for s, why in bad:
+      kept = checkpoint.set_aside(ckpt_dir.parent, s)
+      log.warning("%s/%d cannot be read (%s); resuming from step %d instead; the damaged step is "
+                  "kept as %s", ckpt_dir, s, why, step, kept.name)
+    if bad:
+      mngr.reload()
+    return restored
+  step, why = bad[0]
+  raise checkpoint.CheckpointError(
+      f"{mngr.directory}/{step}: cannot be read ({why})" + (
+          "; no older step could be read either" if len(bad) > 1 else "") +
+      "; move the damaged step aside (or use a new --workdir) to go on")
 
 
 def restore_state(mngr, state: TrainState, step: int, mesh: jax.sharding.Mesh) -> TrainState:
@@ -119,14 +204,59 @@ class RecipeMismatch(ValueError):
 
 
 def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
-  """A workdir with checkpoints resumes only with the recipe it was started with."""
+  """A workdir with a complete checkpoint resumes only with the recipe it was started with
+  (one without: nothing was trained, any recipe may start there)."""
   saved = workdir / "config.json"
-  if not saved.is_file() or not (workdir / checkpoint.SUBDIR).is_dir():
+  if not saved.is_file() or not checkpoint.complete_steps(workdir, RUN_ITEMS):
     return
   diff = recipe_diff(json.loads(saved.read_text()), cfg)
   if diff:
     raise RecipeMismatch(f"{workdir} was trained with another recipe ({'; '.join(diff)}); use a new "
                          "--workdir, or --config " + str(saved) + " to resume it")
+
+
+def validate_config(cfg: TrainConfig, devices: int, processes: int) -> None:
+  """Refuse settings that cannot run (ValueError naming the flag), before anything is written;
+  warn about ones that run but are probably not meant."""
+  flag = lambda name: "--" + name.replace("_", "-")
+  for name in ("steps", "batch_size", "crop_size", "ckpt_every", "log_every", "eval_every",
+               "keep_ckpts", "workers", "nmf_rank"):
+    if getattr(cfg, name) < 1:
+      raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must be at least 1")
+  for name in ("warmup_steps", "eval_images"):
+    if getattr(cfg, name) < 0:
+      raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must not be negative")
+  if not (np.isfinite(cfg.lr) and cfg.lr > 0):
+    raise ValueError(f"--lr {cfg.lr}: must be a positive number")
+  if cfg.batch_size % devices:
+    raise ValueError(f"--batch-size {cfg.batch_size}: must be a multiple of the {devices} devices "
+                     f"({processes} process{'es' if processes > 1 else ''}), which split each batch")
+  if cfg.crop_size < 32:
+    raise ValueError(f"--crop-size {cfg.crop_size}: must be at least 32 (the network's stride)")
+  for name in ("resize_scale", "eval_crop", "eval_stride"):
+    if min(getattr(cfg, name)) < 1:
+      raise ValueError(f"{flag(name)} {' '.join(map(str, getattr(cfg, name)))}: must be positive")
+  if cfg.eval_mode == "slide" and any(s > c for s, c in zip(cfg.eval_stride, cfg.eval_crop)):
+    raise ValueError(f"--eval-stride {cfg.eval_stride} is larger than --eval-crop {cfg.eval_crop}: "
+                     "sliding windows would leave gaps")
+  if cfg.warmup_steps > cfg.steps:
+    log.warning("--warmup-steps %d is longer than the run (--steps %d): the lr never reaches --lr",
+                cfg.warmup_steps, cfg.steps)
+
+
+def check_finite(step: int, metrics: dict, cfg: TrainConfig, saved: int | None) -> None:
+  """NonFinite (one line: step, values, a hint) when `step`'s loss or gradient norm is not finite.
+  Reads one device scalar: the loop calls it for the previous step, after queueing the next."""
+  if bool(metrics["finite"]):
+    return
+  m = jax.device_get(metrics)
+  hint = f"lower --lr (now {cfg.lr:g}) or lengthen --warmup-steps (now {cfg.warmup_steps})"
+  if cfg.precision == "bf16":
+    hint += ", or train in --precision fp32"
+  last = f"the last checkpoint is step {saved}" if saved is not None else "no checkpoint was saved"
+  raise faults.NonFinite(f"loss {float(m['loss']):.4g}, gradient norm {float(m['grad_norm']):.4g} "
+                         f"at step {step}: training diverged; {hint}; {last} (nothing non-finite "
+                         "is ever saved)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,41 +274,85 @@ def prepare_data(cfg: TrainConfig):
 
 
 def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True) -> dict:
-  """Train per `cfg` in cfg.workdir, resuming from its latest checkpoint. `stop_after` ends the
-  process-local run early at that step (a simulated preemption, for tests). Returns final metrics."""
+  """Train per `cfg` in cfg.workdir, resuming from its latest complete checkpoint. `stop_after`
+  ends the process-local run early at that step (a simulated preemption, for tests). Returns
+  {'state', 'history'} (+ 'nothing_to_do': a sentence, when the run was already done).
+
+  Settings, recipe and data are checked before anything is written; the workdir is locked for the
+  run (faults.WorkdirLock); SIGTERM/SIGINT save the current step and raise faults.Stopped."""
+  workdir = Path(cfg.workdir)
+  lead = jax.process_index() == 0
+  validate_config(cfg, jax.device_count(), jax.process_count())
+  with contextlib.ExitStack() as stack:
+    lock = faults.WorkdirLock(workdir)
+    if lead:
+      stack.callback(lock.release)
+      if workdir.is_dir():
+        _acquire(lock)  # a second run on this workdir stops here, before the data check
+    check_resumable(workdir, cfg)
+    train_ds, val_ds = prepare_data(cfg)
+    if lead and lock.fd is None:
+      _acquire(lock)
+    try:
+      return _train(cfg, workdir, lead, train_ds, val_ds, stop_after, progress)
+    except OSError as e:
+      if faults.is_disk_full(e):
+        raise faults.DiskFull(f"{workdir}: disk full writing {e.filename or 'a file'} "
+                              f"({faults.mb(faults.free_bytes(workdir))} free); saved steps are "
+                              "intact; free space and re-run the same command to resume") from None
+      raise
+
+
+def _acquire(lock: faults.WorkdirLock) -> None:
+  try:
+    lock.acquire()
+  except OSError as e:
+    raise faults.Fault(f"--workdir {lock.workdir}: cannot write there ({e.strerror})") from None
+
+
+def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_after: int | None,
+           progress: bool) -> dict:
   from segnext_jax.eval_lib import evaluate
   from segnext_jax.inference import InferenceConfig, Predictor
   from segnext_jax.data.loader import TrainLoader
   from segnext_jax.data.transforms import TrainPipeline
   import tqdm
 
-  workdir = Path(cfg.workdir)
-  check_resumable(workdir, cfg)
-  train_ds, val_ds = prepare_data(cfg)
+  if lead:
+    checkpoint.clean_unfinished(workdir, RUN_ITEMS)
+  steps = checkpoint.complete_steps(workdir, RUN_ITEMS)  # the one answer to "is this a resume?"
   model = build_model(cfg, train_ds.num_classes)
   mesh = make_mesh()
   repl = NamedSharding(mesh, P())
   variables = init_variables(model, jax.random.key(cfg.seed))
-  resuming = (workdir / checkpoint.SUBDIR).is_dir() and any((workdir / checkpoint.SUBDIR).iterdir())
-  if cfg.pretrained and not resuming:  # a resumed run takes every weight from its checkpoint
+  if cfg.pretrained and not steps:  # a resumed run takes every weight from its checkpoint
     from segnext_jax.pretrained import load_pretrained
     variables, report = load_pretrained(cfg.pretrained, variables, cfg.variant)
     log.warning("pretrained %s: %s", cfg.pretrained, report.summary())
-  lead = jax.process_index() == 0
-  if lead:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(to_json(cfg))
-  log.info("config: %s", to_json(cfg))
   state = jax.device_put(create_train_state(cfg, model, variables), repl)
   meta = dict(variant=cfg.variant, model=model_kwargs(cfg, train_ds.num_classes),
               class_names=list(train_ds.class_names),
               palette=np.asarray(train_ds.palette).astype(int).tolist(),
               config=json.loads(to_json(cfg)), nmf_bases=f"fixed, drawn at init from seed {cfg.seed}")
-  mngr = checkpoint.manager(workdir, cfg.keep_ckpts, create=True)
-  if mngr.latest_step() is not None:
-    state = restore_state(mngr, state, mngr.latest_step(), mesh)
+  mngr = checkpoint.manager(workdir, cfg.keep_ckpts, create=True, async_save=False)
+  if steps:
+    state = restore_latest(mngr, state, steps, mesh)
     log.warning("resumed from %s at step %d", mngr.directory, int(state.step))
   start = int(state.step)
+  history: dict[str, Any] = {"loss": [], "eval": []}
+  if start >= cfg.steps:
+    mngr.close()
+    return {"state": state, "history": history, "nothing_to_do": (
+        f"{workdir} is already at step {start} (--steps {cfg.steps}): nothing to do; raise "
+        "--steps to train further")}
+  if lead:
+    (workdir / "config.json").write_text(to_json(cfg))
+  log.info("config: %s", to_json(cfg))
+  saves = min(cfg.keep_ckpts, -(-(cfg.steps - start) // cfg.ckpt_every))
+  needed = state_bytes(state) + 2**20  # + orbax's metadata; later: the last step's size on disk
+  if steps:
+    needed = max(needed, faults.tree_bytes(Path(mngr.directory) / str(start)))
+  check_space(workdir, needed, saves)
   writer = MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(cfg, mesh)
   base_key = jax.random.key(cfg.seed + 1)
@@ -188,42 +362,71 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
   predictor = Predictor.for_model(model.clone(remat=False), InferenceConfig(  # compiled once
       scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
       stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
-  history: dict[str, Any] = {"loss": [], "eval": []}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or not lead,
                   unit="step", dynamic_ncols=True)
   t_last, n_last = time.perf_counter(), start
+  done, saved = start, (start if steps else None)
+  pending = None  # the previous step's metrics: its finite flag is read after the next is queued
+  stop = faults.GracefulStop(enabled=jax.process_count() == 1)
+
+  def save(step: int, metrics: dict) -> int:
+    nonlocal needed
+    check_finite(step, metrics, cfg, saved)  # never a non-finite checkpoint
+    save_checked(mngr, state, meta, step, needed)
+    needed = max(needed, faults.tree_bytes(Path(mngr.directory) / str(step)))
+    return step
+
   try:
-    for step, batch in loader:
-      if step >= end:
-        break
-      state, metrics = step_fn(state, shard_batch(batch, mesh), base_key)
-      done = step + 1
-      if done % cfg.log_every == 0 or done == end:
-        m = jax.device_get(metrics)
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {done}")
-        ips = (done - n_last) * cfg.batch_size / (time.perf_counter() - t_last)
-        t_last, n_last = time.perf_counter(), done
-        history["loss"].append((done, float(m["loss"])))
-        writer.write(done, {**{k: float(v) for k, v in m.items()}, "images_per_s": ips})
-        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.1f}")
-      bar.update(1)
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        res = evaluate(predictor, state.variables(), val_ds, cfg.eval_images, progress=False)
-        history["eval"].append((done, res["mIoU"], res["aAcc"]))
-        pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
-        writer.write(done, pct, prefix="val", extra={"IoU": {
-            n: (None if not np.isfinite(v) else 100 * float(v))
-            for n, v in zip(train_ds.class_names, res["IoU"])}})
-        bar.write(f"step {done}: val mIoU {pct['mIoU']:.2f}  aAcc {pct['aAcc']:.2f}  "
-                  f"mAcc {pct['mAcc']:.2f}  ({res['images']} images)")
-      if done % cfg.ckpt_every == 0 or done == end:
-        save_state(mngr, state, meta)
+    with stop:
+      for step, batch in loader:
+        if step >= end or stop.requested:
+          break
+        state, metrics = step_fn(state, shard_batch(batch, mesh), base_key)
+        done = step + 1
+        if pending is not None:
+          check_finite(*pending, cfg, saved)
+        pending = (done, metrics)
+        if done % cfg.log_every == 0 or done == end:
+          check_finite(done, metrics, cfg, saved)
+          m = jax.device_get({k: v for k, v in metrics.items() if k != "finite"})
+          ips = (done - n_last) * cfg.batch_size / (time.perf_counter() - t_last)
+          t_last, n_last = time.perf_counter(), done
+          history["loss"].append((done, float(m["loss"])))
+          writer.write(done, {**{k: float(v) for k, v in m.items()}, "images_per_s": ips})
+          bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.1f}")
+        bar.update(1)
+        if jax.process_count() > 1 and mngr.reached_preemption(done):
+          stop.signum = signal.SIGTERM  # jax.distributed's notice: every process saves this step
+        if stop.requested:
+          break
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+          check_finite(done, metrics, cfg, saved)
+          res = evaluate(predictor, state.variables(), val_ds, cfg.eval_images, progress=False)
+          history["eval"].append((done, res["mIoU"], res["aAcc"]))
+          pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
+          writer.write(done, pct, prefix="val", extra={"IoU": {
+              n: (None if not np.isfinite(v) else 100 * float(v))
+              for n, v in zip(train_ds.class_names, res["IoU"])}})
+          bar.write(f"step {done}: val mIoU {pct['mIoU']:.2f}  aAcc {pct['aAcc']:.2f}  "
+                    f"mAcc {pct['mAcc']:.2f}  ({res['images']} images)")
+        if done % cfg.ckpt_every == 0 or done == end:
+          saved = save(done, metrics)
+      if stop.requested and pending is not None and saved != done:  # the step it was at
+        saved = save(*pending)
   finally:
     bar.close()
     loader.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    with contextlib.suppress(Exception), faults.quiet_logs("absl", "asyncio"):
+      mngr.wait_until_finished()  # a failed save already said what failed
+      mngr.close()
+    if lead:
+      remove_unfinished(Path(mngr.directory))  # a failed save's leftovers (no writer is left)
     writer.close()
+  if stop.requested:
+    if pending is None:
+      raise faults.Stopped(f"{stop.name} before the first step: nothing trained" + (
+          f"; the last checkpoint is step {saved}" if saved is not None else ""), stop.signum)
+    raise faults.Stopped(f"{stop.name} after step {done}: saved {mngr.directory}/{done}; re-run "
+                         "the same command to resume", stop.signum)
   return {"state": state, "history": history}

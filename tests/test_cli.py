@@ -65,8 +65,11 @@ def test_train_eval_predict_roundtrip(capsys, workdir, tmp_path):
   cv2.imwrite(str(imgs / "rgba.png"), np.zeros((30, 20, 4), np.uint8))
   (imgs / "broken.jpg").write_bytes(b"\xff\xd8 not really")
   code = pr.main([str(workdir), str(imgs), "-o", str(tmp_path / "pred")])
-  captured = capsys.readouterr()
-  assert code == 1 and "broken.jpg: not a readable image" in captured.err
+  captured = capsys.readouterr()  # a bad input is refused before anything is written
+  assert code == 2 and "broken.jpg: not a readable image" in captured.err
+  assert not (tmp_path / "pred").exists()
+  (imgs / "broken.jpg").unlink()
+  assert pr.main([str(workdir), str(imgs), "-o", str(tmp_path / "pred")]) == 0
   for stem, hw in (("scene", (96, 96)), ("gray", (40, 50)), ("rgba", (30, 20))):
     classes = cv2.imread(str(tmp_path / "pred" / f"{stem}_classes.png"), cv2.IMREAD_UNCHANGED)
     mask = cv2.imread(str(tmp_path / "pred" / f"{stem}_mask.png"))
