@@ -5,7 +5,8 @@ them when it ends. glibc serves such sizes with a fresh mmap() and returns them 
 every step page-faults its whole working set again: ~500K faults and ~1 s of system time per T
 step on 2 cores. Here glibc serves every size from one arena's heap and keeps what is freed, so
 from the second step on, a step reuses the pages of the one before (0 faults). Applied when
-segnext_jax is imported, before JAX starts its threads; `SEGNEXT_JAX_MALLOC=system` opts out.
+segnext_jax is imported, before JAX starts its threads, in a process whose JAX backend will be the
+CPU (backend.py's table: a GPU/TPU host is left alone); `SEGNEXT_JAX_MALLOC=system` opts out.
 
 What is kept also includes what XLA's compiler freed, ~1 GB for a T train step, which a step's
 single large temp buffer cannot reuse; so after each XLA compilation the free pages go back to
@@ -31,11 +32,17 @@ applied: bool = False  # whether this process runs with the policy
 def keep_freed_memory() -> bool:
   """One heap (arena) for every thread, no mmap()ed chunks, no trimming: freed memory is reused.
 
-  Returns whether it took effect (Linux with glibc, not opted out). Arenas that threads already
-  own keep serving them, so it is applied first thing on import."""
+  Returns whether it took effect (Linux with glibc, a CPU backend, not opted out). Arenas that
+  threads already own keep serving them, so it is applied first thing on import."""
   global applied
   if applied or os.environ.get(ENV, "").lower() == "system" or not sys.platform.startswith("linux"):
     return applied
+  from segnext_jax import backend
+  try:
+    if not backend.policy(backend.expected_platform()).keep_freed_memory:
+      return False
+  except ValueError:  # a bad SEGNEXT_JAX_POLICY: said when the model is first traced
+    return False
   try:
     libc = ctypes.CDLL(None)
     libc.gnu_get_libc_version  # glibc only (musl has no mallopt parameters to set)

@@ -1,9 +1,14 @@
-"""Depthwise 2-D convolution (stride 1, 'same' torch padding) with two backends.
+"""Depthwise 2-D convolution (stride 1, 'same' torch padding), three implementations.
 
-XLA:CPU's grouped convolution is 15-20x slower than torch for MSCA's strip kernels, so on CPU we
-compute the same thing as a sum of shifted, per-channel-scaled slices (one fused loop), with a
-custom VJP whose backward is again a shift-and-scale conv (input grad) plus one reduction per tap
-(kernel grad). On GPU/TPU the library grouped conv (cuDNN) is used.
+- 'shift': a sum of shifted, per-channel-scaled slices (one fused loop), with a custom VJP whose
+  backward is again a shift-and-scale conv (input grad) plus one reduction per tap (kernel grad).
+  XLA:CPU's grouped convolution is 15-20x slower than torch for MSCA's strip kernels.
+- 'lax': the library grouped conv (cuDNN, TPU) forward, with a custom VJP: input grad as a
+  grouped conv with the flipped kernel, kernel grad as per-tap product-sums. Autodiff would write
+  the kernel grad as a `batch_group_count` convolution, as slow as a dense one on CUDA
+  (jax-ml/jax#13800).
+- 'lax_autodiff': the grouped conv differentiated by JAX (for benchmarks to compare).
+'auto' takes the backend's choice (backend.py).
 """
 from __future__ import annotations
 
@@ -13,12 +18,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl = Literal["auto", "shift", "lax"]
+from segnext_jax import backend
+
+Impl = Literal["auto", "shift", "lax", "lax_autodiff"]
+IMPLS = ("shift", "lax", "lax_autodiff")
 
 
 def default_impl() -> str:
-  """'shift' on CPU, 'lax' (cuDNN / TPU grouped conv) elsewhere."""
-  return "shift" if jax.default_backend() == "cpu" else "lax"
+  """The backend's choice (backend.py: 'shift' on CPU, 'lax' elsewhere)."""
+  return backend.policy().dw_impl
 
 
 def _pads(kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -106,6 +114,44 @@ def _kernel_grad_stripwise(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.
 _shift_conv_vjp.defvjp(_shift_fwd, _shift_bwd)
 
 
+def _grouped_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The library's depthwise conv: `kernel` (kh, kw, 1, C), feature_group_count = C."""
+  kh, kw, _, c = kernel.shape
+  return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=_pads(kh, kw),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+@jax.custom_vjp
+def _grouped_conv_vjp(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _grouped_conv(x, kernel)
+
+
+def _grouped_fwd(x, kernel):
+  return _grouped_conv(x, kernel), (x, kernel)
+
+
+def _grouped_bwd(res, g):
+  x, kernel = res
+  kh, kw = kernel.shape[:2]
+  gx = _grouped_conv(g, kernel[::-1, ::-1]).astype(x.dtype)
+  return gx, _kernel_grad_taps(x, g, kh, kw).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _kernel_grad_taps(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+  """d kernel[i, j, c] as kh*kw sibling product-sums over (b, y, x), unrolled: on GPU each is a
+  fused slice-multiply-reduce (sharing inputs, XLA may merge them); accumulated in float32."""
+  h, w = x.shape[1], x.shape[2]
+  (pt, pb), (pl, pr) = _pads(kh, kw)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  taps = [jnp.sum(xp[:, i:i + h, j:j + w] * g, axis=(0, 1, 2), dtype=acc)
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(taps).reshape(kh, kw, -1)
+
+
+_grouped_conv_vjp.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                      impl: Impl = "auto") -> jax.Array:
   """Depthwise conv, NHWC input, flax-layout kernel (kh, kw, 1, C), torch 'same' padding (k // 2).
@@ -120,11 +166,11 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = N
   if impl == "shift":
     y = _shift_conv_vjp(x, kernel[:, :, 0, :])
   elif impl == "lax":
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=_pads(kh, kw),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    y = _grouped_conv_vjp(x, kernel)
+  elif impl == "lax_autodiff":
+    y = _grouped_conv(x, kernel)
   else:
-    raise ValueError(f"unknown depthwise impl {impl!r}; expected 'auto', 'shift' or 'lax'")
+    raise ValueError(f"unknown depthwise impl {impl!r}; expected 'auto' or one of {IMPLS}")
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segnext_jax import padding
+from segnext_jax import backend, padding
 from segnext_jax import views as views_lib
 from segnext_jax.resize import Band, bilinear_matrix, resize_bilinear
 from segnext_jax.staged import StagedForward
@@ -171,7 +171,9 @@ class Predictor:
   @classmethod
   def for_model(cls, model, cfg: InferenceConfig = InferenceConfig(),
                 compile_threads: int | None = None) -> "Predictor":
-    return cls(model_apply(model), cfg, compile_threads, StagedForward(model))
+    """The model's inference forward; whole mode staged where the backend's policy says."""
+    staged = StagedForward(model) if backend.policy().staged_inference else None
+    return cls(model_apply(model), cfg, compile_threads, staged)
 
   def logits(self, variables: dict, images: np.ndarray) -> jax.Array:
     """(B, H, W, 3) prepared views -> (B, H, W, K) logits at the input size (whole or slide),

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segnext_jax import backend
 from segnext_jax.depthwise import Impl, depthwise_conv2d
 from segnext_jax.layers import conv
 from segnext_jax.padding import stage_mask, zero_outside
@@ -33,7 +34,8 @@ def gradient_boundary(x: jax.Array) -> jax.Array:
   """Identity whose cotangent is materialised: the backward passes it through a conditional,
   which XLA cannot fuse across. Without it XLA:CPU fuses the residual stream's elementwise
   gradient chain through every block of a stage into each consumer (fusions of 400+ operands in
-  L's stage 3), a cost that grows with the square of the depth."""
+  L's stage 3), a cost that grows with the square of the depth. Applied where the backend's
+  policy says (backend.py: the CPU)."""
   return x
 
 
@@ -217,6 +219,7 @@ class MSCAN(nn.Module):
     rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()
     block_cls = nn.remat(MSCABlock, static_argnums=(2,)) if self.remat else MSCABlock
     outs, cur = [], 0
+    boundary = gradient_boundary if backend.policy().gradient_boundary else (lambda t: t)
     x = x.astype(self.dtype)
     for s, (dim, depth, ratio) in enumerate(zip(self.embed_dims, self.depths, self.mlp_ratios), 1):
       if s == 1:
@@ -226,7 +229,7 @@ class MSCAN(nn.Module):
       mask = None if valid is None else stage_mask(valid, x.shape, 2 ** (s + 1))
       for i in range(depth):
         x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(x, train, mask)
-        x = gradient_boundary(x)
+        x = boundary(x)
       cur += depth
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"norm{s}")(x)
       self.sow("intermediates", f"stage{s}", x)

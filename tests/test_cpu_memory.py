@@ -51,6 +51,13 @@ def test_opt_out_and_glibc_default_fault_every_round():
   assert got["faults"] > 30000, got
 
 
+def test_an_accelerator_host_is_left_alone():
+  """backend.py's table: the malloc policy is the CPU's; a GPU/TPU process keeps glibc's own."""
+  for platforms in ("cuda", "tpu"):
+    got = probe(JAX_PLATFORMS=platforms)
+    assert not got["applied"] and got["faults"] > 30000, (platforms, got)
+
+
 def test_jax_used_first_warns_and_leaves_malloc_alone():
   got = probe(before="import jax.numpy as jnp; jnp.ones(2).block_until_ready()")
   assert not got["applied"]
