@@ -1,0 +1,125 @@
+"""bf16 (compute dtype) against fp32 on the same weights: a train step (loss, gradients, BN
+statistics; BN statistics, NMF, softmax/CE and the optimizer stay fp32), inference on the parity
+checkpoint against mmseg torch fp32, and (slow) a short synthetic run's mIoU."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import TINY
+from segnext_jax import ham_head
+from segnext_jax.config import PRESETS, make_config
+from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+
+# Measured on the tiny model below (2026-12-02, CPU): loss 8e-6 relative; gradient leaves' relative
+# error norm up to 0.21 (the backbone's first block; median 0.09), cosine of the whole gradient
+# 0.99996; BN statistics 2.9e-3 (means in running-std units). Bounds leave about 2x (1 - cos: 25x).
+LOSS_RTOL, GRAD_TOL, GRAD_MEDIAN, GRAD_COS, STATS_TOL = 1e-4, 0.4, 0.2, 0.999, 1e-2
+
+
+def _model(precision: str):
+  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=dict(TINY, drop_path=0.0, dropout=0.0),
+                                               precision=precision, warmup_steps=0, batch_size=4))
+  return cfg, build_model(cfg, 6)
+
+
+def _loss_grads_stats(model, variables: dict, batch: dict):
+  """train_step's loss (same rng streams), its parameter gradients and the new BN statistics."""
+  from segnext_jax.loss import seg_cross_entropy
+  k_drop, k_nmf = jax.random.split(jax.random.fold_in(jax.random.key(1), 0))
+
+  def loss_fn(params):
+    logits, new = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              batch["image"], train=True, mutable=["batch_stats"],
+                              rngs={"dropout": k_drop, "nmf": k_nmf})
+    return seg_cross_entropy(logits, batch["label"]), new["batch_stats"]
+  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  return float(loss), grads, stats
+
+
+def _synthetic_batch(n: int = 4, size: int = 64) -> dict:
+  """Real scenes and labels (a random batch would give near-zero, cancelling gradients)."""
+  from segnext_jax.data.datasets import Synthetic
+  from segnext_jax.data.transforms import normalize
+  ds = Synthetic(size=size)
+  return dict(image=np.stack([normalize(ds[i][0]) for i in range(n)]),
+              label=np.stack([ds[i][1] for i in range(n)]).astype(np.int32))
+
+
+def test_bf16_train_step_matches_fp32():
+  from segnext_jax.model import init_variables, segnext
+  variables = init_variables(segnext("t", **TINY, num_classes=6), jax.random.key(0))
+  batch = _synthetic_batch()
+  loss32, g32, stats32 = _loss_grads_stats(_model("fp32")[1], variables, batch)
+  cfg, model = _model("bf16")
+  loss16, g16, stats16 = _loss_grads_stats(model, variables, batch)
+
+  # The real bf16 train step: NMF is handed bf16 features (and computes in fp32, see nmf2d);
+  # everything the state and metrics hold stays fp32.
+  seen, real_nmf = [], ham_head.nmf2d
+  ham_head.nmf2d = lambda x, *a, **k: seen.append(x.dtype) or real_nmf(x, *a, **k)
+  try:
+    mesh = make_mesh()
+    state, metrics = jit_train_step(cfg, mesh)(create_train_state(cfg, model, variables),
+                                               shard_batch(batch, mesh), jax.random.key(1))
+  finally:
+    ham_head.nmf2d = real_nmf
+  assert seen and all(d == jnp.bfloat16 for d in seen), seen
+  for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state, metrics)):
+    assert jnp.asarray(leaf).dtype in (jnp.float32, jnp.int32), leaf.dtype
+  assert float(metrics["loss"]) == pytest.approx(loss16, rel=1e-6)
+
+  assert abs(loss16 - loss32) <= LOSS_RTOL * loss32, (loss16, loss32)
+  flat = lambda g: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)])
+  errs, total = {}, float(jnp.linalg.norm(flat(g32)))
+  for path, b in traverse_util.flatten_dict(g32).items():
+    a = traverse_util.flatten_dict(g16)[path]
+    assert a.dtype == jnp.float32
+    if float(jnp.linalg.norm(b)) < 1e-6 * total:
+      continue  # a bias before a train-mode BN or GN: true gradient 0, both rounding noise
+    errs["/".join(path)] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  cos = float(flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32))))
+  # BN statistics: the error of a running mean in units of the running std, of a variance relative
+  stats = []
+  for path, b in traverse_util.flatten_dict(stats32).items():
+    a = traverse_util.flatten_dict(stats16)[path]
+    ref = traverse_util.flatten_dict(stats32)[(*path[:-1], "var")]
+    unit = jnp.sqrt(ref) if path[-1] == "mean" else ref
+    stats.append(float(jnp.max(jnp.abs(a - b) / unit)))
+  errs, worst = list(errs.values()), max(errs, key=errs.get)
+  print(f"bf16 vs fp32: loss rel err {abs(loss16 - loss32) / loss32:.2e}; gradients max rel err "
+        f"{max(errs):.2e} at {worst} (median {np.median(errs):.2e}), cosine {cos:.5f}; BN stats max "
+        f"{max(stats):.2e}")
+  assert max(errs) <= GRAD_TOL and np.median(errs) <= GRAD_MEDIAN, (worst, max(errs))
+  assert cos >= GRAD_COS, cos
+  assert max(stats) <= STATS_TOL, max(stats)
+
+
+def test_bf16_inference_on_the_parity_checkpoint(torch_ref_t, tmp_path):
+  """Documented in docs: bf16 logits against mmseg torch fp32 on the converted T checkpoint."""
+  from segnext_jax import random_bases, segnext, torch_io
+  variables, _, _ = torch_io.convert_file(torch_ref_t.path)
+  images = np.random.default_rng(0).standard_normal((1, 96, 128, 3)).astype(np.float32)
+  bases = np.asarray(random_bases(jax.random.key(3), 1, 256, 16))
+  _, logits_t = torch_ref_t.forward(images, bases)
+  model = segnext("t", dtype=jnp.bfloat16)
+  out = jax.jit(lambda v, x: model.apply(v, x, nmf_bases=bases))(variables, images)
+  assert out.dtype == jnp.float32
+  err = float(np.abs(np.asarray(out) - logits_t).max()) / float(np.abs(logits_t).max())
+  agree = float(np.mean(np.argmax(np.asarray(out), -1) == np.argmax(logits_t, -1)))
+  print(f"bf16 vs torch fp32: max err {err:.2e} of the largest logit, argmax agreement {agree:.4f}")
+  assert err <= 2e-2 and agree >= 0.95, (err, agree)
+
+
+@pytest.mark.slow
+def test_bf16_synthetic_run_within_a_few_miou_of_fp32(tmp_path):
+  from segnext_jax.train_lib import train_and_evaluate
+  miou = {}
+  for precision in ("fp32", "bf16"):
+    cfg = make_config(PRESETS["synthetic"], dict(precision=precision, workdir=str(tmp_path / precision)))
+    miou[precision] = 100 * train_and_evaluate(cfg, progress=False)["history"]["eval"][-1][1]
+  print(miou)
+  assert miou["fp32"] > 70 and abs(miou["bf16"] - miou["fp32"]) <= 3.0, miou
