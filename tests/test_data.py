@@ -138,3 +138,24 @@ def test_loader_is_a_function_of_seed_and_step():
   assert np.array_equal(shard["label"], first[2]["label"][2:])
   epoch = np.concatenate([batch_indices(20, 4, s, 0) for s in range(5)])
   assert sorted(epoch) == list(range(20))
+
+
+def test_hue_shift_range_is_mmsegs():
+  """mmseg's PhotoMetricDistortion.hue draws np.random.randint(-18, 18): -18..17, never 18."""
+  from segnext_jax.data.transforms import photometric_distortion
+
+  class Spy:  # every draw is 1 (each step applied), the hue draw's bounds recorded
+    def __init__(self):
+      self.calls = []
+
+    def integers(self, low, high=None):
+      self.calls.append((low, high))
+      return 1 if high is None or low >= 0 else high - 1
+
+    def uniform(self, low, high):
+      return (low + high) / 2
+
+  img = np.full((2, 2, 3), 100, np.uint8)
+  spy = Spy()
+  photometric_distortion(img, spy)
+  assert (-18, 18) in spy.calls and all(high != 19 for _, high in spy.calls), spy.calls

@@ -63,7 +63,8 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """mmseg PhotoMetricDistortion: brightness, contrast (before or after), saturation, hue; p=0.5 each."""
+  """mmseg PhotoMetricDistortion: brightness, contrast (before or after), saturation, hue; p=0.5 each.
+  The hue shift is drawn as mmseg draws it: randint(-18, 18), i.e. -18..17."""
   if rng.integers(2):
     img = _convert(img, beta=rng.uniform(-32, 32))
   contrast_first = rng.integers(2) == 1
@@ -75,7 +76,7 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndar
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if rng.integers(2):
     hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    hsv[..., 0] = ((hsv[..., 0].astype(int) + rng.integers(-18, 19)) % 180).astype(np.uint8)
+    hsv[..., 0] = ((hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180).astype(np.uint8)
     img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if not contrast_first and rng.integers(2):
     img = _convert(img, alpha=rng.uniform(0.5, 1.5))
