@@ -1,12 +1,28 @@
 """Shared fixtures: the mmseg 1.x torch reference and random mmseg-layout checkpoints."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
                                  segmentor_state_dict)
 
 FP32_ATOL = 1e-4  # on O(1) activations, float32, whole network
+
+# Test files, heaviest first (docs/testing.md has the measured times). xdist's --dist loadfile
+# hands files to its two workers in collection order as they free up, so running the long ones
+# first lets both workers finish together; files not listed follow, in their usual order.
+HEAVY_FIRST = ["test_train_lib.py", "test_topology.py", "test_faults.py", "test_cli.py",
+               "test_finetune.py", "test_parity.py", "test_export.py", "test_eval_lib.py",
+               "test_backend.py", "test_data_pascal.py", "test_model.py", "test_convert.py",
+               "test_eval_tta.py", "test_inference_cli.py", "test_precision.py", "test_padding.py",
+               "test_staged.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order kept
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +43,34 @@ def torch_ref_t(tmp_path_factory):
 TINY = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32)
 
 
+@pytest.fixture(scope="session")
+def tiny_variables():
+  """Random variables of segnext("t", **TINY): every layer kind of T (same kernels, masks, NMF),
+  logits of T's magnitude (O(0.5) at init), a fraction of its compile time."""
+  import jax
+  from segnext_jax import init_variables, segnext
+  return init_variables(segnext("t", **TINY), jax.random.key(0))
+
+
+CACHE_MAX_BYTES = 4 << 30  # a size limit turns on JAX's file lock: both xdist workers write here
+
+
+def cache_env(path: str | os.PathLike) -> dict:
+  """The environment that gives a subprocess (train.py, eval.py, ...) the compile cache `path`."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory) -> dict:
-  """Share compiled programs between the runs of one session (e.g. train, then resume); the
-  returned environment gives a subprocess the same cache (as train.py/eval.py take it from JAX)."""
+  """One persistent compile cache for the whole test run, shared by the xdist workers (their
+  temporary roots share a parent) and by the subprocesses given the returned environment: a
+  program compiled by one test (a TINY train step, an init) is loaded by the others. Inside the
+  run's own temporary directory, so nothing outlives it."""
   import jax
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  jax.config.update("jax_compilation_cache_dir", path)
+  root = tmp_path_factory.getbasetemp()
+  path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"
+  path.mkdir(exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return {"JAX_COMPILATION_CACHE_DIR": path}
+  return cache_env(path)

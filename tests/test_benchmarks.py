@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~170 s: T inference and its train step in three processes (docs/testing.md)
 def test_gpu_benchmark_dry_run():
   res = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu.py"), "--dry-run"],
                        capture_output=True, text=True, cwd=REPO)

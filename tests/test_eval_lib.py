@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY
 from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
@@ -123,13 +124,15 @@ class VariedSizes:
     return img, label
 
 
-def six_class_model(t_variables):
-  variables = jax.tree.map(np.asarray, dict(t_variables))
+def six_class_model(tiny_variables):
+  """The TINY model with a 6-class classifier whose logits are O(1)."""
+  model = segnext("t", **TINY, num_classes=6)
+  variables = jax.tree.map(np.asarray, dict(tiny_variables))
   variables["params"] = {**variables["params"]}
   variables["params"]["decode_head"] = {**variables["params"]["decode_head"], "conv_seg": {
-      "kernel": np.random.default_rng(0).normal(0, 0.05, (1, 1, 256, 6)).astype(np.float32),
+      "kernel": np.random.default_rng(0).normal(0, 0.05, (1, 1, model.head_channels, 6)).astype(np.float32),
       "bias": np.zeros(6, np.float32)}}
-  return segnext("t", num_classes=6), variables
+  return model, variables
 
 
 def counting(model, shapes: list):
@@ -140,8 +143,8 @@ def counting(model, shapes: list):
   return apply
 
 
-def test_evaluate_is_deterministic_batched_and_compiles_per_shape(t_variables):
-  model, variables = six_class_model(t_variables)
+def test_evaluate_is_deterministic_batched_and_compiles_per_shape(tiny_variables):
+  model, variables = six_class_model(tiny_variables)
   ds = VariedSizes(11)
   traced = []
   pred = Predictor(counting(model, traced), InferenceConfig(scale=(128, 64), batch_size=2))
@@ -168,8 +171,8 @@ def test_evaluate_is_deterministic_batched_and_compiles_per_shape(t_variables):
                                single.scores(variables, img), atol=1e-5)
 
 
-def test_warm_compiles_each_input_shape_once_in_the_background(t_variables):
-  model, variables = six_class_model(t_variables)
+def test_warm_compiles_each_input_shape_once_in_the_background(tiny_variables):
+  model, variables = six_class_model(tiny_variables)
   traced = []
   pred = Predictor(counting(model, traced), InferenceConfig(tta=True), compile_threads=1)
   img = VariedSizes(1)[0][0][:20, :20]

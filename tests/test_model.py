@@ -14,8 +14,9 @@ PAPER_PARAMS_M = {"t": 4.3, "s": 13.9, "b": 27.6, "l": 48.9}
 
 
 @pytest.fixture(scope="module")
-def tiny(t_variables):
-  return segnext("t"), t_variables
+def tiny(tiny_variables):
+  from conftest import TINY
+  return segnext("t", **TINY), tiny_variables
 
 
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
@@ -118,8 +119,8 @@ def test_remat_and_bf16_agree_with_fp32(tiny):
   x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
   run = lambda m: jax.jit(lambda v, x: m.apply(v, x, rngs={"nmf": jax.random.key(0)}))(v, x)
   ref = run(model)
-  np.testing.assert_allclose(run(segnext("t", remat=True)), ref, atol=1e-5)
-  bf16 = run(segnext("t", dtype=jnp.bfloat16))
+  np.testing.assert_allclose(run(model.clone(remat=True)), ref, atol=1e-5)
+  bf16 = run(model.clone(dtype=jnp.bfloat16))
   assert bf16.dtype == jnp.float32
   assert float(jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(ref, -1))) > 0.8
 

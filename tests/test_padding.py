@@ -10,6 +10,7 @@ import torch
 from segnext_jax import segnext
 from segnext_jax.inference import InferenceConfig, Predictor, to_original
 from segnext_jax.padding import bucket, clamp_to_valid, stage_mask
+from conftest import TINY
 from test_eval_lib import counting
 
 ATOL = 2e-6  # float32 rounding: logits are O(0.5); a leak across the border moves them by 1e-2
@@ -41,10 +42,10 @@ def test_masks_and_edge_clamp():
   np.testing.assert_array_equal(c[1, 2:], np.repeat(x[1, 1:2], 2, axis=0))
 
 
-def test_padded_logits_equal_unpadded_ones(t_variables):
+def test_padded_logits_equal_unpadded_ones(tiny_variables):
   """Three images of different sizes in one padded batch, noise in the padding: each image's
   logits match its own unpadded forward (backbone depthwise convs, GroupNorm, NMF, head resize)."""
-  model = segnext("t", dw_impl="lax")  # masks act before the conv: any impl; lax compiles fastest
+  model = segnext("t", **TINY, dw_impl="lax")  # masks act before the conv: any impl; lax compiles fastest
   rng = np.random.default_rng(0)
   sizes = [(96, 160), (64, 64), (128, 96)]
   images = [rng.standard_normal((*s, 3)).astype(np.float32) for s in sizes]
@@ -52,11 +53,11 @@ def test_padded_logits_equal_unpadded_ones(t_variables):
   for i, x in enumerate(images):
     batch[i, :x.shape[0], :x.shape[1]] = x
   out = np.asarray(jax.jit(lambda v, x, val: model.apply(v, x, valid=val))(
-      t_variables, batch, np.array(sizes, np.int32)))
-  unmasked = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(t_variables, batch))
+      tiny_variables, batch, np.array(sizes, np.int32)))
+  unmasked = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(tiny_variables, batch))
   forward = jax.jit(lambda v, x: model.apply(v, x))
   for i, x in enumerate(images):
-    ref = np.asarray(forward(t_variables, x[None]))[0]
+    ref = np.asarray(forward(tiny_variables, x[None]))[0]
     h, w = ref.shape[:2]
     np.testing.assert_allclose(out[i, :h, :w], ref, atol=ATOL, rtol=0)
     assert np.abs(unmasked[i, :h, :w] - ref).max() > 100 * ATOL  # the masks are what does it
@@ -79,16 +80,16 @@ def test_composed_resize_is_mmseg_two_step(flip):
   np.testing.assert_allclose(got[:ori[0], :ori[1]], ref, atol=1e-5)  # torch rounds twice in float32
 
 
-def test_tta_in_coarse_buckets_equals_exact_shapes(t_variables):
+def test_tta_in_coarse_buckets_equals_exact_shapes(tiny_variables):
   """TTA views padded into coarse buckets (1 per octave) give the scores of exact /32 shapes,
   with fewer programs."""
-  model = segnext("t", dw_impl="lax")  # masks act before the conv: any impl; lax compiles fastest
+  model = segnext("t", **TINY, dw_impl="lax")  # masks act before the conv: any impl; lax compiles fastest
   img = (np.random.default_rng(3).random((70, 90, 3)) * 255).astype(np.uint8)
   runs = {}
   for per_octave in (0, 1):
     traced = []
     pred = Predictor(counting(model, traced), InferenceConfig(tta=True, buckets_per_octave=per_octave))
-    runs[per_octave] = pred.scores(t_variables, img), sorted(set(traced))
+    runs[per_octave] = pred.scores(tiny_variables, img), sorted(set(traced))
   (exact, exact_shapes), (coarse, coarse_shapes) = runs[0], runs[1]
   assert len(coarse_shapes) < len(exact_shapes)
   assert any(s not in exact_shapes for s in coarse_shapes)  # views really ran padded

@@ -6,21 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import TINY
 from segnext_jax import segnext
 from segnext_jax.inference import Predictor
 from segnext_jax.model import fixed_bases, init_variables
 from segnext_jax.staged import StagedForward
 
 
-def test_staged_equals_model_apply_with_and_without_padding(t_variables):
-  model = segnext("t", dw_impl="lax")  # the parts are the model's modules: any impl; lax compiles fast
+def test_staged_equals_model_apply_with_and_without_padding(tiny_variables):
+  model = segnext("t", **TINY, dw_impl="lax")  # the parts are the model's modules: any impl; lax compiles fast
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 96, 128, 3)).astype(np.float32)
   valid = np.array([[96, 96], [64, 128]], np.int32)
   staged = StagedForward(model)
   for v in (None, valid):
-    ref = jax.jit(lambda var, x, val: model.apply(var, x, valid=val))(t_variables, x, v)
-    np.testing.assert_allclose(np.asarray(staged(t_variables, x, v)), np.asarray(ref),
+    ref = jax.jit(lambda var, x, val: model.apply(var, x, valid=val))(tiny_variables, x, v)
+    np.testing.assert_allclose(np.asarray(staged(tiny_variables, x, v)), np.asarray(ref),
                                atol=2e-6, rtol=0)
 
 

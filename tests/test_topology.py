@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from conftest import TINY
+from conftest import TINY, cache_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
@@ -27,11 +28,11 @@ def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.Compl
   return res
 
 
-def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
+def test_two_devices_to_one_and_back(tmp_path):
   from segnext_jax import load_checkpoint, metric_writer
-  run = lambda *args: _run(compilation_cache, *args)  # runs on one topology compile a step once
+  cache_dir = tmp_path / "jax_cache"  # its own: the session's gets other tests' train steps
+  run = lambda *args: _run(cache_env(cache_dir), *args)  # runs on one topology compile a step once
   wd = tmp_path / "run2"
-  cache_dir = Path(compilation_cache["JAX_COMPILATION_CACHE_DIR"])
   steps_cached = lambda: {p.name for p in cache_dir.glob("*train_step*")}
   before = steps_cached()
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
@@ -46,7 +47,9 @@ def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
   # fine-tune from the 2-device run on 1 device, then resume that run on 2 devices
   ft = tmp_path / "ft1"
   out = run("train.py", 1, *TRAIN, "--steps", "1", "--workdir", ft, "--pretrained", wd)
-  assert "loaded" in out.stderr
+  assert steps_cached() != before  # ... while a 1-device step is
+  n_vars = len(jax.tree.leaves(variables))
+  assert f"loaded {n_vars} tensors; re-initialised 0" in out.stderr, out.stderr[-2000:]
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", ft)
   # and the 2-device run resumes on 1
   run("train.py", 1, *TRAIN, "--steps", "3", "--workdir", wd)
