@@ -28,15 +28,14 @@ def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.Compl
   return res
 
 
-def test_two_devices_to_one_and_back(tmp_path):
+def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
   from segnext_jax import load_checkpoint, metric_writer
-  cache_dir = tmp_path / "jax_cache"  # its own: the session's gets other tests' train steps
-  run = lambda *args: _run(cache_env(cache_dir), *args)  # runs on one topology compile a step once
+  run = lambda *args: _run(compilation_cache, *args)  # 1-device runs share the session's programs
   wd = tmp_path / "run2"
-  steps_cached = lambda: {p.name for p in cache_dir.glob("*train_step*")}
-  before = steps_cached()
-  run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
-  assert steps_cached() == before  # a step over several CPU devices is never cached (train.py)
+  own = tmp_path / "jax_cache"  # the first 2-device run gets an empty cache of its own
+  _run(cache_env(own), "train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
+  steps_cached = lambda cache: {p.name for p in Path(cache).glob("*train_step*")}
+  assert not steps_cached(own)  # a step over several CPU devices is never cached (train.py)
   model, variables = load_checkpoint(wd)  # this process: 1 device
   x = np.zeros((1, 64, 64, 3), np.float32)
   assert model.apply(variables, x).shape == (1, 8, 8, 6)
@@ -47,7 +46,7 @@ def test_two_devices_to_one_and_back(tmp_path):
   # fine-tune from the 2-device run on 1 device, then resume that run on 2 devices
   ft = tmp_path / "ft1"
   out = run("train.py", 1, *TRAIN, "--steps", "1", "--workdir", ft, "--pretrained", wd)
-  assert steps_cached() != before  # ... while a 1-device step is
+  assert steps_cached(compilation_cache["JAX_COMPILATION_CACHE_DIR"])  # ... while a 1-device step is
   n_vars = len(jax.tree.leaves(variables))
   assert f"loaded {n_vars} tensors; re-initialised 0" in out.stderr, out.stderr[-2000:]
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", ft)

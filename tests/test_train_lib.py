@@ -88,7 +88,10 @@ def test_loss_decreases_on_a_fixed_batch():
            "label": np.stack([ds[i][1] for i in range(4)]).astype(np.int32)}
   model = build_model(cfg, ds.num_classes)
   mesh = make_mesh()
-  state = create_train_state(cfg, model, init_variables(model, jax.random.key(0)))
+  # placed as train_and_evaluate places it: a state on another sharding than the step returns
+  # would compile the step a second time at the second call
+  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step = jit_train_step(cfg, mesh)
   losses = []
   for _ in range(25):
