@@ -311,10 +311,10 @@ def test_train_loader_batches_from_each_layout(tmp_path, kind):
   assert val_ds.class_names == train_ds.class_names
 
 
-# One layout trains in the default suite (each compiles its own init and step for its class
-# count: ~30 s cold on 2 cores); the others run with -m slow.
-@pytest.mark.parametrize("kind", ["voc", pytest.param("pascal_context", marks=pytest.mark.slow),
-                                  pytest.param("isaid", marks=pytest.mark.slow)])
+# Each layout compiles its own init and step for its class count (~75 s on 2 cores), so these
+# run with -m slow; test_train_loader_batches_from_each_layout covers each in the default suite.
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["voc", "pascal_context", "isaid"])
 def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
   """train.py --data KIND:PATH (its preset, tiny overrides) -> eval.py --data --out, in-process."""
   root = MAKERS[kind](tmp_path / kind, sizes=[(32, 32)])  # one eval shape: one compile

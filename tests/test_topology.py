@@ -1,5 +1,7 @@
 """Checkpoints do not depend on the device topology that wrote them: train on 2 forced host
-devices, then load, evaluate, predict, fine-tune from and resume on 1 (and the reverse)."""
+devices, then load, evaluate, predict, fine-tune from and resume on 1 (and the reverse). The
+2-device runs are processes of their own; the 1-device ones run the same CLIs in this (1-device)
+test process."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,7 @@ import jax
 import numpy as np
 
 from conftest import TINY, cache_env
+from test_cli import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
@@ -28,9 +31,15 @@ def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.Compl
   return res
 
 
-def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
+def _main(script: str, *args) -> None:
+  """One CLI run in this process (1 device, the session's compile cache)."""
+  assert jax.device_count() == 1
+  assert load_script(script).main([str(a) for a in args]) == 0
+
+
+def test_two_devices_to_one_and_back(tmp_path, compilation_cache, caplog):
   from segnext_jax import load_checkpoint, metric_writer
-  run = lambda *args: _run(compilation_cache, *args)  # 1-device runs share the session's programs
+  run = lambda *args: _run(compilation_cache, *args)
   wd = tmp_path / "run2"
   own = tmp_path / "jax_cache"  # the first 2-device run gets an empty cache of its own
   _run(cache_env(own), "train.py", 2, *TRAIN, "--steps", "2", "--workdir", wd)
@@ -39,19 +48,19 @@ def test_two_devices_to_one_and_back(tmp_path, compilation_cache):
   model, variables = load_checkpoint(wd)  # this process: 1 device
   x = np.zeros((1, 64, 64, 3), np.float32)
   assert model.apply(variables, x).shape == (1, 8, 8, 6)
-  run("eval.py", 1, wd, "--max-images", "2")
+  _main("eval", wd, "--max-images", "2")
   (tmp_path / "img.png").write_bytes((REPO / "tests/data/ade20k_val3/images/validation/ADE_val_00000003.jpg").read_bytes())
-  run("predict.py", 1, wd, tmp_path / "img.png", "-o", tmp_path / "pred")
+  _main("predict", wd, tmp_path / "img.png", "-o", tmp_path / "pred")
   assert (tmp_path / "pred" / "img_classes.png").is_file()
   # fine-tune from the 2-device run on 1 device, then resume that run on 2 devices
   ft = tmp_path / "ft1"
-  out = run("train.py", 1, *TRAIN, "--steps", "1", "--workdir", ft, "--pretrained", wd)
+  _main("train", *TRAIN, "--steps", "1", "--workdir", ft, "--pretrained", wd)
   assert steps_cached(compilation_cache["JAX_COMPILATION_CACHE_DIR"])  # ... while a 1-device step is
   n_vars = len(jax.tree.leaves(variables))
-  assert f"loaded {n_vars} tensors; re-initialised 0" in out.stderr, out.stderr[-2000:]
+  assert f"loaded {n_vars} tensors; re-initialised 0" in caplog.text, caplog.text[-2000:]
   run("train.py", 2, *TRAIN, "--steps", "2", "--workdir", ft)
   # and the 2-device run resumes on 1
-  run("train.py", 1, *TRAIN, "--steps", "3", "--workdir", wd)
+  _main("train", *TRAIN, "--steps", "3", "--workdir", wd)
   steps = [r["step"] for r in metric_writer.read(wd) if r["split"] == "train"]
   assert steps == [1, 2, 3]
   assert [r["step"] for r in metric_writer.read(ft) if r["split"] == "train"] == [1, 2]
