@@ -19,6 +19,7 @@ import sys
 from typing import Iterator
 
 ENV = "SEGNEXT_JAX_POLICY"
+DW_IMPLS = ("shift", "lax", "lax_autodiff")  # depthwise.py's implementations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ def _parse_env(text: str) -> dict:
       if value.lower() not in ("1", "0", "true", "false"):
         raise ValueError(f"{ENV}: {name}={value!r}, expected 1/0/true/false")
       out[name] = value.lower() in ("1", "true")
+    elif value not in DW_IMPLS:
+      raise ValueError(f"{ENV}: dw_impl={value!r}, expected one of {DW_IMPLS}")
     else:
       out[name] = value
   return out

@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
   try:
     if not backend.policy(backend.expected_platform()).keep_freed_memory:
       return False
-  except ValueError:  # a bad SEGNEXT_JAX_POLICY: said when the model is first traced
+  except ValueError:  # a bad SEGNEXT_JAX_POLICY: train.py says so before it writes anything
     return False
   try:
     libc = ctypes.CDLL(None)

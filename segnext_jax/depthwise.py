@@ -21,7 +21,7 @@ from jax import lax
 from segnext_jax import backend
 
 Impl = Literal["auto", "shift", "lax", "lax_autodiff"]
-IMPLS = ("shift", "lax", "lax_autodiff")
+IMPLS = backend.DW_IMPLS
 
 
 def default_impl() -> str:

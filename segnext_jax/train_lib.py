@@ -218,6 +218,8 @@ def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
 def validate_config(cfg: TrainConfig, devices: int, processes: int) -> None:
   """Refuse settings that cannot run (ValueError naming the flag), before anything is written;
   warn about ones that run but are probably not meant."""
+  from segnext_jax import backend
+  backend.policy()  # a bad SEGNEXT_JAX_POLICY: its one-line error before the workdir is touched
   flag = lambda name: "--" + name.replace("_", "-")
   for name in ("steps", "batch_size", "crop_size", "ckpt_every", "log_every", "eval_every",
                "keep_ckpts", "workers", "nmf_rank"):

@@ -84,6 +84,9 @@ def test_policy_table_env_and_override(monkeypatch):
   monkeypatch.setenv(backend.ENV, "chunked_loss=maybe")
   with pytest.raises(ValueError, match="chunked_loss='maybe'"):
     backend.policy("cpu")
+  monkeypatch.setenv(backend.ENV, "dw_impl=fft")
+  with pytest.raises(ValueError, match="dw_impl='fft', expected one of"):
+    backend.policy("cpu")
   monkeypatch.setenv(backend.ENV, "fast=1")
   with pytest.raises(ValueError, match="'fast=1' is not NAME=VALUE"):
     backend.policy("cpu")

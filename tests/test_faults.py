@@ -297,9 +297,10 @@ def test_recipe_refusal_needs_a_complete_checkpoint_and_a_done_run_says_so(strai
 def small_disk(tmp_path):
   mnt = tmp_path / "disk"
   mnt.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a tmpfs here (needs root)")
+  res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+  if res.returncode:  # a real full disk needs a small filesystem: mounting one needs root
+    pytest.skip(f"cannot mount a 3 MB tmpfs to fill (not root?): {res.stderr.strip()}")
   yield mnt
   subprocess.run(["umount", "-l", str(mnt)], check=False)
 
