@@ -1,7 +1,7 @@
 """Training configuration: one dataclass (defaults = mmseg's ADE20K recipe), named presets, replay.
 
-A run's config = TrainConfig defaults <- a preset (a name from PRESETS or a saved config.json)
-<- command-line flags. The resolved config is saved as WORKDIR/config.json; `train.py --config
+A run's config = TrainConfig defaults <- a preset (a row of recipes.RECIPES, by default the one
+--data implies, or a saved config.json) <- command-line flags. The resolved config is saved as WORKDIR/config.json; `train.py --config
 WORKDIR/config.json` replays it, and resuming a workdir with a different recipe is refused.
 """
 from __future__ import annotations
@@ -12,10 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from segnext_jax.data.datasets import DATASET_DEFAULTS, dataset_kind
+from segnext_jax.recipes import RECIPES, kind_of
 
 Precision = Literal["fp32", "bf16"]
 NMFGrad = Literal["unroll", "one_step"]
+
+
+_ADE = RECIPES["ade20k"]
 
 
 def _f(default: Any, help: str) -> Any:
@@ -33,10 +36,10 @@ class TrainConfig:
                  "folder:PATH | tfds:ade20k_semantic[:DATA_DIR]")
   workdir: str = _f("runs/segnext", "checkpoints, config.json, metrics.jsonl, TensorBoard events")
   pretrained: str = _f("", "ImageNet MSCAN .pth (mmseg/official), segmentor .pth or converted dir")
-  steps: int = _f(160_000, "total iterations")
+  steps: int = _f(_ADE["steps"], "total iterations")
   batch_size: int = _f(16, "global batch (split across devices and processes)")
-  crop_size: int = _f(512, "square train crop")
-  resize_scale: tuple[int, int] = _f((2048, 512), "RandomResize base scale and test scale (long short)")
+  crop_size: int = _f(_ADE["crop_size"], "square train crop")
+  resize_scale: tuple[int, int] = _f(_ADE["resize_scale"], "RandomResize base scale and test scale (long short)")
   lr: float = _f(6e-5, "AdamW base lr")
   head_lr_mult: float = _f(10.0, "lr multiplier of decode_head params")
   weight_decay: float = _f(0.01, "AdamW decoupled decay (none on backbone norms)")
@@ -50,9 +53,9 @@ class TrainConfig:
   remat: bool = _f(False, "rematerialise MSCA blocks (less memory, ~30%% slower)")
   nmf_grad: NMFGrad = _f("unroll", "unroll (mmseg: backprop through NMF) | one_step (Hamburger's)")
   nmf_rank: int = _f(16, "NMF rank R (mmseg 1.x: 16)")
-  eval_mode: Literal["whole", "slide"] = _f("whole", "validation inference mode")
-  eval_crop: tuple[int, int] = _f((1024, 1024), "slide window (eval_mode=slide)")
-  eval_stride: tuple[int, int] = _f((768, 768), "slide stride (eval_mode=slide)")
+  eval_mode: Literal["whole", "slide"] = _f(_ADE["eval_mode"], "validation inference mode")
+  eval_crop: tuple[int, int] = _f(_ADE["eval_crop"], "slide window (eval_mode=slide)")
+  eval_stride: tuple[int, int] = _f(_ADE["eval_stride"], "slide stride (eval_mode=slide)")
   eval_every: int = _f(16_000, "validate every N steps")
   eval_images: int = _f(0, "validation images (0 = all)")
   ckpt_every: int = _f(16_000, "checkpoint every N steps")
@@ -67,20 +70,14 @@ class TrainConfig:
 RUNTIME_FIELDS = ("steps", "workdir", "eval_every", "eval_images", "ckpt_every", "keep_ckpts",
                   "log_every", "workers", "pretrained")
 
-# Named presets: overlays on the defaults above, one per dataset kind, from the dataset table
-# (segnext_jax/data/datasets.py DATASET_DEFAULTS, which cites each source config). 'ade20k' is
-# the paper recipe itself; 'synthetic' adds a few-minute CPU run.
-_FROM_DATASET = ("crop_size", "resize_scale", "eval_mode", "eval_crop", "eval_stride", "steps")
-PRESETS: dict[str, dict[str, Any]] = {
-    kind: {k: row[k] for k in _FROM_DATASET} for kind, row in DATASET_DEFAULTS.items()}
-PRESETS["synthetic"].update(data="synthetic", batch_size=8, lr=1e-3, head_lr_mult=1.0,
-                            warmup_steps=30, eval_every=100, ckpt_every=100, log_every=10,
-                            workdir="runs/synthetic")
+# Named presets: the recipe table's rows (segnext_jax/recipes.py cites each source config).
+# 'ade20k' is the paper recipe itself; 'synthetic' is a few-minute CPU run.
+PRESETS = RECIPES
 
 
 def preset_for_data(data: str) -> str:
   """The preset a --data spec implies when --config is not given (ValueError if unknown)."""
-  return dataset_kind(data)
+  return kind_of(data)
 
 
 def load_preset(name_or_file: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import dataclasses
 
 from segnext_jax import cli
 from segnext_jax.inference import InferenceConfig
+from segnext_jax.recipes import eval_settings
 from segnext_jax.views import PIPELINES
 
 PIPELINE_HELP = (
@@ -28,12 +29,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                help="multi-scale (0.5-1.75) + flip, softmax averaged, as --pipeline defines it")
   cli.add_flag(parser, "scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                help="test resize bound; default: the training run's resize_scale, else the --data "
-               "dataset's (Cityscapes 2048 1024), else 2048 512")
+               "dataset's recipe (segnext_jax/recipes.py: Cityscapes 2048 1024), else ADE20K's 2048 512")
   cli.add_flag(parser, "mode", choices=["whole", "slide"], default=None,
-               help="default: the training run's eval_mode, else the --data dataset's (Cityscapes: "
-               "slide, 1024 window, 768 stride), else whole")
-  cli.add_flag(parser, "crop", type=int, nargs=2, default=None, help="slide window (H W)")
-  cli.add_flag(parser, "stride", type=int, nargs=2, default=None, help="slide stride (H W)")
+               help="default: the training run's eval_mode, else the --data dataset's recipe "
+               "(Cityscapes: slide, 1024 window, 768 stride), else whole")
+  cli.add_flag(parser, "crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+               help="slide window; default as --mode's (ADE20K: 512 512)")
+  cli.add_flag(parser, "stride", type=int, nargs=2, default=None, metavar=("H", "W"),
+               help="slide stride; default as --mode's (ADE20K: 341 341)")
   cli.add_flag(parser, "buckets-per-octave", type=int, default=4,
                help="whole mode: views run zero-padded to this many sizes per octave (exact: the "
                "model masks the padding), so images of many sizes share a few compiled programs; "
@@ -70,29 +73,14 @@ def load(args: argparse.Namespace, batch_size: int = 1) -> Loaded:
   if args.nmf_seed is not None:
     variables = {**variables, **fixed_bases(model, args.nmf_seed)}
     bases = f"fixed, drawn from seed {args.nmf_seed} (--nmf-seed; the stored ones unused)"
-  run = meta.get("config") or dataset_recipe(getattr(args, "data", None))
+  run = {**eval_settings("ade20k"),
+         **(meta.get("config") or eval_settings(getattr(args, "data", None)))}
   cfg = InferenceConfig(
-      pipeline=args.pipeline, tta=args.tta,
-      scale=tuple(args.scale or run.get("resize_scale", (2048, 512))),
-      mode=args.mode or run.get("eval_mode", "whole"),
-      crop=tuple(args.crop or run.get("eval_crop", (1024, 1024))),
-      stride=tuple(args.stride or run.get("eval_stride", (768, 768))), batch_size=batch_size,
+      pipeline=args.pipeline, tta=args.tta, scale=tuple(args.scale or run["resize_scale"]),
+      mode=args.mode or run["eval_mode"], crop=tuple(args.crop or run["eval_crop"]),
+      stride=tuple(args.stride or run["eval_stride"]), batch_size=batch_size,
       buckets_per_octave=args.buckets_per_octave)
   return Loaded(model, variables, meta, cfg, bases)
-
-
-def dataset_recipe(data: str | None) -> dict:
-  """Test settings of a --data spec's dataset (e.g. Cityscapes: slide 1024/768 at 2048x1024), for
-  checkpoints that carry no training config (converted ones)."""
-  if not data:
-    return {}
-  from segnext_jax.data.datasets import DATASET_DEFAULTS, dataset_kind
-  try:
-    row = DATASET_DEFAULTS[dataset_kind(data)]
-  except ValueError:
-    return {}  # an unknown spec fails later, with make_dataset's message
-  return {"resize_scale": row["eval_scale"], "eval_mode": row["eval_mode"],
-          "eval_crop": row["eval_crop"], "eval_stride": row["eval_stride"]}
 
 
 def describe(cfg: InferenceConfig) -> str:

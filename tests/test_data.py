@@ -1,4 +1,4 @@
-"""Data: specs, recipe defaults, image reading, the train pipeline (also on real JPEGs), loader."""
+"""Data: specs, image reading, the train pipeline (also on real JPEGs), loader."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from segnext_jax.data.datasets import (DATASET_DEFAULTS, DataError, Synthetic, dataset_kind,
-                                       make_dataset, read_image)
+from segnext_jax.data.datasets import DataError, Synthetic, make_dataset, read_image
 from segnext_jax.data.loader import TrainLoader, batch_indices
 from segnext_jax.data.transforms import TrainPipeline, random_crop, reduce_zero_label, rescale_size
 
@@ -22,35 +21,17 @@ def test_scene_parse150_is_refused_with_the_reason():
     msg = str(e.value)
     assert "\n" not in msg and "annotations_instance" in msg and "100-category" in msg
     assert "ade20k:" in msg and "tfds:ade20k_semantic" in msg
-  with pytest.raises(ValueError, match="annotations_instance"):
-    dataset_kind("tfds:scene_parse150")
 
 
-def test_specs_and_kinds():
-  kinds = {"synthetic": "synthetic", "folder:/d": "folder", "ade20k:/d": "ade20k",
-           "cityscapes:/d": "cityscapes", "coco_stuff:/d": "coco_stuff",
-           "tfds:ade20k_semantic": "ade20k", "tfds:ade20k_semantic:/tfds": "ade20k"}
-  for spec, kind in kinds.items():
-    assert dataset_kind(spec) == kind and kind in DATASET_DEFAULTS
+def test_bad_specs():
   for bad, msg in [("coco:/x", "unknown dataset"), ("ade20k", "needs a path"),
                    ("tfds:voc", "unsupported tfds"), ("synthetic:3", "unknown dataset")]:
     with pytest.raises(ValueError, match=msg):
-      dataset_kind(bad)
+      make_dataset(bad, "train")
   with pytest.raises(ValueError, match="split must be"):
     make_dataset("synthetic", "test")
   with pytest.raises(FileNotFoundError, match="no such folder"):
     make_dataset("cityscapes:/nonexistent/x", "val")
-
-
-def test_dataset_defaults_table():
-  keys = set(DATASET_DEFAULTS["ade20k"])
-  assert all(set(row) == keys for row in DATASET_DEFAULTS.values())
-  city, ade, coco = (DATASET_DEFAULTS[k] for k in ("cityscapes", "ade20k", "coco_stuff"))
-  assert (city["crop_size"], city["resize_scale"]) == (1024, (2048, 1024))
-  assert city["eval_mode"] == "slide"
-  assert (city["eval_crop"], city["eval_stride"]) == ((1024, 1024), (768, 768))
-  assert (ade["crop_size"], ade["resize_scale"], ade["eval_mode"]) == (512, (2048, 512), "whole")
-  assert (coco["crop_size"], coco["resize_scale"], coco["steps"]) == (512, (2048, 512), 80_000)
 
 
 def test_synthetic_has_a_palette():

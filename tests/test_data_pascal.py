@@ -1,7 +1,7 @@
 """`voc:`, `pascal_context:` (59), `pascal_context60:` and `isaid:` on small trees written as mmseg's
 converters write them: every (image, label) pair, its order and the class names against mmseg 1.x's
 own dataset classes built from its _base_ dataset configs (LoadImageFromFile + LoadAnnotations);
-the presets against those configs; one-line errors naming the file; a short train.py + eval.py."""
+one-line errors naming the file; a short train.py + eval.py."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import TINY
 from mmseg_reference import stub_mmcv_ops
-from segnext_jax.data.datasets import (DATASET_DEFAULTS, DataError, MissingDataError, check,
-                                       dataset_kind, make_dataset)
+from segnext_jax.data.datasets import DataError, MissingDataError, check, make_dataset
+from segnext_jax.recipes import RECIPES, kind_of
 from test_cli import load_script
 
 # per kind: mmseg 1.x's _base_/datasets config
@@ -199,25 +199,7 @@ def test_pascal_context_59_and_60_label_rules(tmp_path):
   raw = np.asarray(Image.open(c60.masks[0]))
   np.testing.assert_array_equal(c60[0][1], raw)
   np.testing.assert_array_equal(c59[0][1], np.where(raw == 0, 255, raw - 1))
-  assert dataset_kind(f"pascal_context60:{root}") == "pascal_context60"
-
-
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_presets_follow_mmsegs_configs(kind):
-  """crop, train scale and test scale as the mmseg _base_ dataset config sets them."""
-  cfg, row = mmseg_config(kind), DATASET_DEFAULTS[kind]
-  train = cfg.train_dataloader.dataset
-  train = train.datasets[0] if "datasets" in train else train
-  resize = next(t for t in train.pipeline if t.type == "RandomResize")
-  crop = next(t for t in train.pipeline if t.type == "RandomCrop")
-  test = next(t for t in cfg.val_dataloader.dataset.pipeline if t.type == "Resize")
-  assert tuple(crop.crop_size) == (row["crop_size"],) * 2 == tuple(cfg.crop_size)
-  assert tuple(resize.scale) == row["resize_scale"] and tuple(test.scale) == row["eval_scale"]
-  assert (tuple(resize.ratio_range), crop.cat_max_ratio) == (row["ratio_range"],
-                                                              row["cat_max_ratio"])
-  assert row["eval_mode"] == "whole"
-  # SegNeXt paper, Sec. 4 and appendix Tab. 1: 160k iterations for iSAID, 80k for the Pascal sets
-  assert row["steps"] == (160_000 if kind == "isaid" else 80_000)
+  assert kind_of(f"pascal_context60:{root}") == "pascal_context60"
 
 
 def bad(spec: str, *, match: str, split: str = "val", on: str = "check", error=DataError):
@@ -297,8 +279,8 @@ def test_train_loader_batches_from_each_layout(tmp_path, kind):
   from segnext_jax.train_lib import prepare_data
   spec = f"{kind}:{MAKERS[kind](tmp_path / kind)}"
   cfg = make_config(load_preset(preset_for_data(spec)), dict(data=spec, batch_size=4))
-  assert (cfg.crop_size, cfg.steps) == (DATASET_DEFAULTS[kind]["crop_size"],
-                                        DATASET_DEFAULTS[kind]["steps"])
+  assert (cfg.crop_size, cfg.steps) == (RECIPES[kind]["crop_size"],
+                                        RECIPES[kind]["steps"])
   train_ds, val_ds = prepare_data(cfg)
   loader = TrainLoader(train_ds, TrainPipeline(crop=(32, 32), scale=(64, 32)), 4, seed=0,
                        workers=1)
@@ -328,7 +310,7 @@ def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
   assert "final (step 2): val mIoU" in log.getvalue()
   saved = json.loads((wd / "config.json").read_text())
   assert saved["data"] == spec  # the kind's preset (eval window), then the flags
-  assert saved["eval_crop"] == list(DATASET_DEFAULTS[kind]["eval_crop"])
+  assert saved["eval_crop"] == list(RECIPES[kind]["eval_crop"])
   assert saved["steps"] == 2 and saved["crop_size"] == 32
   res = json.loads(out.read_text())
   names = make_dataset(spec, "val").class_names
