@@ -349,7 +349,10 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
         "--steps to train further")}
   if lead:
     (workdir / "config.json").write_text(to_json(cfg))
-  log.info("config: %s", to_json(cfg))
+  log.info("%s on %s: SegNeXt-%s, steps %d-%d of batch %d at crop %d, %s; workdir %s", "resumed" if steps
+           else "fresh run", cfg.data, cfg.variant.upper(), start + 1, cfg.steps, cfg.batch_size,
+           cfg.crop_size, cfg.precision, workdir)
+  log.debug("config: %s", to_json(cfg))
   saves = min(cfg.keep_ckpts, -(-(cfg.steps - start) // cfg.ckpt_every))
   needed = state_bytes(state) + 2**20  # + orbax's metadata; later: the last step's size on disk
   if steps:
@@ -365,8 +368,10 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
       scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
       stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  # smoothing: the rate of the last ~20 updates, not of the last one (steps vary around logging)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, disable=not progress or not lead,
-                  unit="step", dynamic_ncols=True)
+                  unit="step", dynamic_ncols=True, smoothing=0.05)
+  log.info("compiling the train step (the first step waits for it)")
   t_last, n_last = time.perf_counter(), start
   done, saved = start, (start if steps else None)
   pending = None  # the previous step's metrics: its finite flag is read after the next is queued
@@ -412,6 +417,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
               for n, v in zip(train_ds.class_names, res["IoU"])}})
           bar.write(f"step {done}: val mIoU {pct['mIoU']:.2f}  aAcc {pct['aAcc']:.2f}  "
                     f"mAcc {pct['mAcc']:.2f}  ({res['images']} images)")
+          bar.unpause()  # the rate and time left count training steps, not validation
         if done % cfg.ckpt_every == 0 or done == end:
           saved = save(done, metrics)
       if stop.requested and pending is not None and saved != done:  # the step it was at
