@@ -7,7 +7,6 @@ both files; all three compute the logits of the same 1xSxSx3 image, timed interl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -16,16 +15,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # mmseg_reference
+
 from inference import interleaved_ms  # noqa: E402 (benchmarks/ share the timing helper)
-
-
-def export_module():
-  spec = importlib.util.spec_from_file_location("segnext_export", REPO / "export.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def timed(fn):
@@ -39,7 +30,7 @@ def runners(ckpt: Path, tmp: Path, x: np.ndarray) -> tuple[dict, dict]:
   import onnxruntime as ort
   from jax import export
   from segnext_jax.checkpoint import load_checkpoint
-  ex = export_module()
+  from segnext_jax import export as ex
   secs = {}
   for fmt in ex.FORMATS:
     _, secs[fmt] = timed(lambda: ex.export_file(ckpt, fmt, tmp / f"model.{fmt}"))
@@ -54,7 +45,7 @@ def runners(ckpt: Path, tmp: Path, x: np.ndarray) -> tuple[dict, dict]:
 
 
 def bench_variant(variant: str, size: int, runs: int, tmp: Path) -> dict:
-  from mmseg_reference import TorchReference
+  from segnext_jax.mmseg_reference import TorchReference
   from segnext_jax import torch_io
   from segnext_jax.checkpoint import save_converted
   variables, meta, _ = torch_io.convert_file(TorchReference(variant, tmp).path)

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+sys.path.insert(0, str(HERE))
 from inference import interleaved_ms  # noqa: E402
 
 
 def reference(variant: str, tmp: Path, device: str):
   """(torch modules on device, converted JAX variables) of one random-weight mmseg SegNeXt."""
-  from mmseg_reference import TorchReference
+  from segnext_jax.mmseg_reference import TorchReference
   from segnext_jax import torch_io
   ref = TorchReference(variant, tmp)
   variables, _, _ = torch_io.convert_file(ref.path)

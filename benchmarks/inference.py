@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # mmseg_reference
+
 
 
 def interleaved_ms(fns, runs: int, warmup: int = 2) -> list[float]:
@@ -64,7 +64,7 @@ def program_gflop(compiled) -> float:
 
 def bench_variant(variant: str, size: int, batch: int, runs: int, tmp: Path) -> dict:
   import torch
-  from mmseg_reference import TorchReference
+  from segnext_jax.mmseg_reference import TorchReference
   from segnext_jax import segnext, torch_io
   ref = TorchReference(variant, tmp)
   variables, _, _ = torch_io.convert_file(ref.path)

@@ -60,7 +60,7 @@ def run_jax(args) -> dict:
 
 def run_torch(args) -> dict:
   import torch
-  from mmseg_reference import mmseg_segmentor_modules
+  from segnext_jax.mmseg_reference import mmseg_segmentor_modules
   backbone, head = mmseg_segmentor_modules(args.variant)
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   backbone, head = backbone.to(dev).train(), head.to(dev).train()

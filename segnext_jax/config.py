@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from segnext_jax.recipes import RECIPES, kind_of
 
+Variant = Literal["t", "s", "b", "l"]
 Precision = Literal["fp32", "bf16"]
 NMFGrad = Literal["unroll", "one_step"]
 
@@ -28,7 +29,7 @@ def _f(default: Any, help: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Every recipe setting; defaults are mmseg's segnext_mscan-*_1xb16-adamw-160k_ade20k-512x512."""
-  variant: str = _f("t", "model size: t, s, b or l")
+  variant: Variant = _f("t", "model size")
   model_overrides: dict = dataclasses.field(default_factory=dict, metadata={
       "help": 'extra segnext() kwargs as JSON, e.g. \'{"depths": [1, 1, 1, 1]}\''})
   data: str = _f("synthetic", "synthetic | ade20k:PATH | cityscapes:PATH | coco_stuff:PATH | "

@@ -1,4 +1,5 @@
-"""mmsegmentation's own torch SegNeXt as a reference, with random non-trivial weights (test/benchmark only).
+"""mmsegmentation's own torch SegNeXt as a reference, with random non-trivial weights: what the parity
+tests and the benchmarks compare against.
 
 Needs the dev extra (torch, mmcv-lite, mmengine, mmsegmentation); imported lazily.
 """

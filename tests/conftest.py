@@ -1,11 +1,13 @@
 """Shared fixtures: the mmseg 1.x torch reference and random mmseg-layout checkpoints."""
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import pytest
 
-from mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
+from segnext_jax.mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
                                  segmentor_state_dict)
 
 FP32_ATOL = 1e-4  # on O(1) activations, float32, whole network
@@ -23,6 +25,12 @@ HEAVY_FIRST = ["test_train_lib.py", "test_topology.py", "test_faults.py", "test_
 def pytest_collection_modifyitems(config, items) -> None:
   rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order kept
+
+
+def command(name: str) -> ModuleType:
+  """A command's module, segnext_jax.cli.NAME (train, eval, predict, export, from_torch, to_torch):
+  what the top-level script and the segnext-* entry point run."""
+  return importlib.import_module(f"segnext_jax.cli.{name}")
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,11 @@
 """Helpers of test_export.py: the JAX reference, a real padded JPEG, mmseg built from a .pth."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(rel: str) -> ModuleType:
-  """A repository script (e.g. 'export', 'convert/to_torch') as a module."""
-  spec = importlib.util.spec_from_file_location(f"segnext_script_{rel.replace('/', '_')}",
-                                                REPO / f"{rel}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 def jax_reference(model, variables: dict):
@@ -62,7 +51,7 @@ def mmseg_from_pth(pth: Path):
   """(mmseg EncoderDecoder built from the file's meta['cfg'], loaded with strict=True, the file)."""
   import torch
   from mmengine.config import Config
-  from mmseg_reference import stub_mmcv_ops
+  from segnext_jax.mmseg_reference import stub_mmcv_ops
   stub_mmcv_ops()
   from mmseg.registry import MODELS
   from mmseg.utils import register_all_modules

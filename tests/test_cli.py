@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, command
 from segnext_jax.checkpoint import load_checkpoint
 from segnext_jax.data.datasets import Synthetic
 
@@ -28,7 +28,7 @@ def load_script(name: str):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """One tiny run shared by this module's tests (the last one resumes it)."""
-  train = load_script("train")
+  train = command("train")
   wd = tmp_path_factory.mktemp("cli") / "run"
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -109,7 +109,7 @@ def test_metrics_on_disk_config_replay_and_recipe_guard(workdir, capsys):
   assert scalars["train/loss"][0][1] == pytest.approx(train[0]["loss"], rel=1e-6)
   assert scalars["val/mIoU"][0][1] == pytest.approx(val[0]["mIoU"], rel=1e-6)
 
-  train_cli = load_script("train")
+  train_cli = command("train")
   saved = workdir / "config.json"
   # A different recipe value in an existing workdir: refused, naming the field, nothing run.
   assert train_cli.main(["--config", str(saved), "--lr", "0.5"]) == 2
@@ -139,7 +139,39 @@ def test_compile_cache_flag_keeps_a_configured_directory(tmp_path):
     cli.enable_compile_cache(None)
     assert jax.config.jax_compilation_cache_dir == str(Path(cli.DEFAULT_CACHE).expanduser())
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
-    assert "--compile-cache" in load_script("train").build_parser().format_help()
+    _, _, cache = command("train").resolve(["--compile-cache", str(tmp_path / "train_flag")])
+    command("train")._compile_cache(cache)  # what train.py does with the flag
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "train_flag")
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+COMMANDS = {"train": "train.py", "eval": "eval.py", "predict": "predict.py", "export": "export.py",
+            "convert": "convert/from_torch.py", "to-torch": "convert/to_torch.py"}
+
+
+def test_entry_points_and_scripts_run_the_same_commands_from_any_directory(tmp_path):
+  """`segnext-NAME --help` (the installed entry point) and `python SCRIPT --help` from another
+  directory: both start, show the same options, and the bare train help shows the bare run's
+  defaults (the synthetic preset) next to the ADE20K recipe's."""
+  import subprocess
+  import sys
+  bindir = Path(sys.executable).parent
+  runs = {}
+  for name, script in COMMANDS.items():
+    for kind, argv in (("entry", [str(bindir / f"segnext-{name}")]),
+                       ("script", [sys.executable, str(REPO / script)])):
+      runs[name, kind] = subprocess.Popen([*argv, "--help"], cwd=tmp_path, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  helps = {}
+  for key, proc in runs.items():
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (key, err[-2000:])
+    helps[key] = out.split("options:", 1)[1]
+  for name in COMMANDS:
+    assert helps[name, "entry"] == helps[name, "script"], name
+  train = " ".join(helps["train", "entry"].split())
+  assert "--steps STEPS total iterations (default 300; ADE20K recipe 160000)" in train
+  assert "--variant {t,s,b,l}" in train and "--pretrained PRETRAINED" in train
+  assert "(default none)" in train and "malloc" not in train

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY
-from mmseg_reference import stub_mmcv_ops
+from conftest import TINY, command
+from segnext_jax.mmseg_reference import stub_mmcv_ops
 from segnext_jax.data.datasets import DataError, MissingDataError, check, make_dataset
 from segnext_jax.recipes import RECIPES, kind_of
 from test_cli import load_script
@@ -302,7 +302,7 @@ def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
   root = MAKERS[kind](tmp_path / kind, sizes=[(32, 32)])  # one eval shape: one compile
   spec, wd, out = f"{kind}:{root}", tmp_path / "run", tmp_path / "r.json"
   with contextlib.redirect_stdout(io.StringIO()) as log:
-    assert load_script("train").main([
+    assert command("train").main([
         f"--data={spec}", f"--model-overrides={json.dumps(TINY)}", "--steps=2", "--batch-size=2",
         "--crop-size=32", "--resize-scale", "64", "32", "--eval-every=2", "--warmup-steps=1",
         "--workers=1", "--log-every=1", f"--workdir={wd}"]) == 0

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FP32_ATOL, TINY, TorchReference, mmseg_segmentor_modules
-from export_helpers import (REPO, assert_same_classes, jax_reference, load_script, mmseg_from_pth,
+from conftest import FP32_ATOL, TINY, TorchReference, command, mmseg_segmentor_modules
+from export_helpers import (REPO, assert_same_classes, jax_reference, mmseg_from_pth,
                             mmseg_logits, padded_jpeg, random_variables)
 from segnext_jax.checkpoint import load_checkpoint
 
@@ -27,7 +27,7 @@ def images(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 def converted(torch_ref_t, tmp_path_factory) -> Path:
   """convert/from_torch.py on a random-weight mmseg SegNeXt-T .pth."""
   out = tmp_path_factory.mktemp("export") / "segnext_t"
-  assert load_script("convert/from_torch").main([str(torch_ref_t.path), "-o", str(out)]) == 0
+  assert command("from_torch").main([str(torch_ref_t.path), "-o", str(out)]) == 0
   return out
 
 
@@ -38,7 +38,7 @@ def reference(converted):
 
 @pytest.fixture(scope="module")
 def exported(converted) -> dict[str, Path]:
-  cli = load_script("export")
+  cli = command("export")
   paths = {}
   for fmt, suffix in (("onnx", "onnx"), ("stablehlo", "stablehlo")):
     paths[fmt] = converted.parent / f"segnext_t.{suffix}"
@@ -110,7 +110,7 @@ def test_real_jpeg_same_class_map(exported, onnx_session, reference):
 
 def test_to_torch_gives_mmseg_the_same_logits(converted, reference, tmp_path):
   pth = tmp_path / "back.pth"
-  assert load_script("convert/to_torch").main([str(converted), "-o", str(pth)]) == 0
+  assert command("to_torch").main([str(converted), "-o", str(pth)]) == 0
   segmentor, obj = mmseg_from_pth(pth)  # mmseg's EncoderDecoder from meta['cfg'], strict=True
   assert obj["meta"]["segnext_jax"]["nmf_rank"] == 16
   for b, h, w in SIZES:
@@ -121,7 +121,7 @@ def test_to_torch_gives_mmseg_the_same_logits(converted, reference, tmp_path):
 def test_pth_jax_pth_is_bit_exact(torch_ref_t, converted, tmp_path):
   import torch
   pth = tmp_path / "back.pth"
-  assert load_script("convert/to_torch").main([str(converted), "-o", str(pth)]) == 0
+  assert command("to_torch").main([str(converted), "-o", str(pth)]) == 0
   orig = torch.load(torch_ref_t.path, weights_only=True)["state_dict"]
   back = torch.load(pth, weights_only=True)["state_dict"]
   assert list(back) == sorted(orig)
@@ -134,9 +134,9 @@ def test_pth_jax_pth_is_bit_exact(torch_ref_t, converted, tmp_path):
 
 def test_nmf_rank_survives_jax_pth_jax(torch_ref_t, tmp_path):
   """The rank is not a tensor shape: meta['cfg'] carries it (MD_R) back into the importer."""
-  conv = load_script("convert/from_torch")
+  conv = command("from_torch")
   assert conv.main([str(torch_ref_t.path), "-o", str(tmp_path / "r32"), "--nmf-rank", "32"]) == 0
-  assert load_script("convert/to_torch").main([str(tmp_path / "r32"), "-o", str(tmp_path / "r32.pth")]) == 0
+  assert command("to_torch").main([str(tmp_path / "r32"), "-o", str(tmp_path / "r32.pth")]) == 0
   assert conv.main([str(tmp_path / "r32.pth"), "-o", str(tmp_path / "again"), "--nmf-seed", "9"]) == 0
   model, again = load_checkpoint(tmp_path / "again")
   assert model.nmf_rank == 32
@@ -156,7 +156,7 @@ def test_to_torch_from_a_train_checkpoint(tmp_path):
     checkpoint.save(mngr, 7, variables, meta, opt={"count": np.int32(7)})
     mngr.wait_until_finished()
   pth = tmp_path / "run.pth"
-  assert load_script("convert/to_torch").main([str(tmp_path / "run"), "-o", str(pth)]) == 0
+  assert command("to_torch").main([str(tmp_path / "run"), "-o", str(pth)]) == 0
   segmentor, obj = mmseg_from_pth(pth)
   assert obj["meta"]["segnext_jax"]["step"] == 7 and obj["meta"]["dataset_meta"]["classes"][5] == "c5"
   x = images(2, 64, 96)
@@ -169,8 +169,8 @@ def test_backbone_only_round_trip(torch_ref_t, tmp_path):
   import torch
   sd = torch_ref_t.backbone.state_dict()
   torch.save({"state_dict": sd}, tmp_path / "mscan.pth")
-  assert load_script("convert/from_torch").main([str(tmp_path / "mscan.pth"), "-o", str(tmp_path / "ck")]) == 0
-  assert load_script("convert/to_torch").main([str(tmp_path / "ck"), "-o", str(tmp_path / "b.pth")]) == 0
+  assert command("from_torch").main([str(tmp_path / "mscan.pth"), "-o", str(tmp_path / "ck")]) == 0
+  assert command("to_torch").main([str(tmp_path / "ck"), "-o", str(tmp_path / "b.pth")]) == 0
   obj = torch.load(tmp_path / "b.pth", weights_only=True)
   assert obj["meta"]["cfg"].startswith("backbone = {'type': 'MSCAN'")
   assert list(obj["state_dict"]) == sorted(sd)
@@ -179,8 +179,8 @@ def test_backbone_only_round_trip(torch_ref_t, tmp_path):
 
 
 def test_cli_errors(tmp_path, capsys):
-  assert load_script("export").main([str(tmp_path), "--format", "onnx", "-o", str(tmp_path / "x")]) == 2
-  assert load_script("convert/to_torch").main([str(tmp_path), "-o", str(tmp_path / "x.pth")]) == 2
+  assert command("export").main([str(tmp_path), "--format", "onnx", "-o", str(tmp_path / "x")]) == 2
+  assert command("to_torch").main([str(tmp_path), "-o", str(tmp_path / "x.pth")]) == 2
   assert "not a segnext-jax checkpoint" in capsys.readouterr().err
 
 
@@ -189,8 +189,8 @@ def test_cli_errors(tmp_path, capsys):
 def test_pth_jax_pth_bit_exact_every_variant(variant, tmp_path):
   import torch
   ref = TorchReference(variant, tmp_path)
-  assert load_script("convert/from_torch").main([str(ref.path), "-o", str(tmp_path / "ck")]) == 0
-  assert load_script("convert/to_torch").main([str(tmp_path / "ck"), "-o", str(tmp_path / "b.pth")]) == 0
+  assert command("from_torch").main([str(ref.path), "-o", str(tmp_path / "ck")]) == 0
+  assert command("to_torch").main([str(tmp_path / "ck"), "-o", str(tmp_path / "b.pth")]) == 0
   orig = torch.load(ref.path, weights_only=True)["state_dict"]
   back = torch.load(tmp_path / "b.pth", weights_only=True)["state_dict"]
   assert sorted(orig) == list(back)
@@ -204,8 +204,8 @@ def test_l_exports_match_jax(tmp_path):
   from jax import export
   ref = TorchReference("l", tmp_path)
   ck = tmp_path / "ck"
-  assert load_script("convert/from_torch").main([str(ref.path), "-o", str(ck)]) == 0
-  cli = load_script("export")
+  assert command("from_torch").main([str(ref.path), "-o", str(ck)]) == 0
+  cli = command("export")
   for fmt in ("onnx", "stablehlo"):
     assert cli.main([str(ck), "--format", fmt, "-o", str(tmp_path / f"l.{fmt}")]) == 0
   x = images(1, 64, 96)

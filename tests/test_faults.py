@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, command
 from test_cli import load_script
 from segnext_jax import checkpoint, cli, faults, metric_writer, train_lib
 from segnext_jax.config import PRESETS, make_config
@@ -184,7 +184,7 @@ def test_no_readable_step_stops_naming_the_newest(straight, tmp_path, capsys):
   wd = copy_run(straight[0], tmp_path / "run", keep=(30, 60))
   for d in (wd / "checkpoints").rglob("d"):
     shutil.rmtree(d)
-  code = load_script("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"])
+  code = command("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"])
   assert code == 2
   one_error_line(capsys.readouterr().err, "checkpoints/60: cannot be read",
                  "no older step could be read either")
@@ -210,7 +210,7 @@ def test_non_finite_loss_stops_with_the_step_and_never_saves_it(tmp_path, capsys
   counter = iter(range(10**6))
   monkeypatch.setattr(train_lib, "shard_batch",
                       lambda batch, mesh: poisoned({**batch, "_step": next(counter)}, mesh))
-  code = load_script("train").main([*TRAIN_FLAGS, f"--log-every={log_every}",
+  code = command("train").main([*TRAIN_FLAGS, f"--log-every={log_every}",
                                     f"--ckpt-every={ckpt_every}", f"--workdir={wd}"])
   assert code == 2
   one_error_line(capsys.readouterr().err, "at step 7: training diverged; lower --lr (now 0.001)",
@@ -233,7 +233,7 @@ def test_second_run_on_a_locked_workdir_stops_naming_the_holder(tmp_path, capsys
   try:
     assert holder.stdout.readline().strip() == "locked"
     t = time.perf_counter()
-    code = load_script("train").main([*TRAIN_FLAGS, "--steps=2", f"--workdir={wd}"])
+    code = command("train").main([*TRAIN_FLAGS, "--steps=2", f"--workdir={wd}"])
     assert code == 2 and time.perf_counter() - t < 10
     one_error_line(capsys.readouterr().err, f"{wd} is in use by PID {holder.pid} on host",
                    "train.lock")
@@ -261,7 +261,7 @@ def test_second_run_on_a_locked_workdir_stops_naming_the_holder(tmp_path, capsys
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, capsys, flags, needle):
   wd = tmp_path / "run"
-  assert load_script("train").main([*TRAIN_FLAGS, f"--workdir={wd}", *flags]) == 2
+  assert command("train").main([*TRAIN_FLAGS, f"--workdir={wd}", *flags]) == 2
   one_error_line(capsys.readouterr().err, needle)
   assert not wd.exists()
 
@@ -278,15 +278,15 @@ def test_recipe_refusal_needs_a_complete_checkpoint_and_a_done_run_says_so(strai
   wd = tmp_path / "run"
   (wd / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
   (wd / "config.json").write_text(train_lib.to_json(tiny_cfg(wd, lr=0.5)))
-  assert load_script("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]) == 0
+  assert command("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]) == 0
   assert json.loads((wd / "config.json").read_text())["lr"] == 1e-3
   # a finished run, run again: nothing to do, said
   capsys.readouterr()
   done = copy_run(straight[0], tmp_path / "done", keep=(30, 60))
-  assert load_script("train").main(["--config", str(done / "config.json")]) == 0
+  assert command("train").main(["--config", str(done / "config.json")]) == 0
   assert "is already at step 60 (--steps 60): nothing to do" in capsys.readouterr().out
   # the recipe guard still holds where a complete step exists
-  assert load_script("train").main(["--config", str(done / "config.json"), "--lr=0.5"]) == 2
+  assert command("train").main(["--config", str(done / "config.json"), "--lr=0.5"]) == 2
   one_error_line(capsys.readouterr().err, "lr: 0.001 -> 0.5")
 
 
@@ -310,13 +310,13 @@ def test_disk_full_stops_with_one_line_and_the_same_command_resumes(straight, sm
   directory, bytes needed and free; step 30 intact; after freeing space the command resumes."""
   wd = small_disk / "run"
   argv = [*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]
-  assert load_script("train").main(argv) == 2
+  assert command("train").main(argv) == 2
   line = one_error_line(capsys.readouterr().err, f"{wd}/checkpoints: no space for the checkpoint "
                         "of step 60", "saved steps 30 are intact")
   assert re.search(r"needs ~\d+\.\d MB, \d+\.\d MB free", line)
   assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["30"]
   subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
-  assert load_script("train").main(argv) == 0
+  assert command("train").main(argv) == 0
   assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [30, 60]
   model, variables = checkpoint.load_checkpoint(wd)
   for a, b in zip(jax.tree.leaves(variables["params"]), params(straight[1]["state"])):
@@ -329,7 +329,7 @@ def test_a_write_that_runs_out_of_space_is_one_line_too(small_disk, capfd, monke
   wd = small_disk / "run"
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 40)
   argv = [*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]
-  assert load_script("train").main(argv) == 2
+  assert command("train").main(argv) == 2
   err = capfd.readouterr().err
   one_error_line(err, f"{wd}/checkpoints: no space for the checkpoint of step 60")
   assert "Event loop is closed" not in err and "never retrieved" not in err
@@ -339,7 +339,7 @@ def test_a_write_that_runs_out_of_space_is_one_line_too(small_disk, capfd, monke
 def test_unwritable_workdir_is_one_line(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  assert load_script("train").main([*TRAIN_FLAGS, f"--workdir={blocker}/run"]) == 2
+  assert command("train").main([*TRAIN_FLAGS, f"--workdir={blocker}/run"]) == 2
   one_error_line(capsys.readouterr().err, f"--workdir {blocker}/run: cannot write there")
 
 
@@ -427,7 +427,7 @@ def test_predict_checks_inputs_before_the_model_and_writes_nothing(straight, tmp
 
 def test_from_torch_names_the_kind_of_wrong_file(tmp_path, capsys):
   import torch
-  conv = load_script("convert/from_torch")
+  conv = command("from_torch")
   jpg = tmp_path / "photo.jpg"
   cv2.imwrite(str(jpg), np.zeros((8, 8, 3), np.uint8))
   text = tmp_path / "notes.pth"

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 from PIL import Image
 
+from conftest import command
 from test_cli import load_script
 from test_parity import convert_cli
 from segnext_jax.data.synthetic import write_folder
@@ -23,7 +24,7 @@ def test_convert_finetune_eval_predict(torch_ref_t, tmp_path, caplog, capsys):
   data = write_folder(tmp_path / "fold", train=6, val=3, size=64, classes=(0, 1, 2))
   wd = tmp_path / "ft"
   with caplog.at_level(logging.WARNING):
-    assert load_script("train").main(["--data", f"folder:{data}", "--pretrained", str(conv),
+    assert command("train").main(["--data", f"folder:{data}", "--pretrained", str(conv),
                                       "--workdir", str(wd), *TRAIN]) == 0
   report = next(r.getMessage() for r in caplog.records if "pretrained" in r.getMessage())
   assert "re-initialised 2 (params/decode_head/conv_seg" in report, report
@@ -53,7 +54,7 @@ def test_bad_label_stops_training_before_anything_is_written(tmp_path, capsys):
   label[0, 0] = 7  # >= num_classes (3) and not the ignore value
   Image.fromarray(label).save(bad)
   wd = tmp_path / "never"
-  assert load_script("train").main(["--data", f"folder:{data}", "--workdir", str(wd), *TRAIN]) == 2
+  assert command("train").main(["--data", f"folder:{data}", "--workdir", str(wd), *TRAIN]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "scene_00001.png" in err[0] and "7" in err[0], err
   assert not wd.exists()

@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict
 from segnext_jax import convert_map, random_bases, segnext
 from segnext_jax.model import abstract_variables
 from segnext_jax.loss import seg_cross_entropy
-from mmseg_reference import calibrate_bn_, mmseg_segmentor_modules, randomize_, segmentor_state_dict
+from segnext_jax.mmseg_reference import calibrate_bn_, mmseg_segmentor_modules, randomize_, segmentor_state_dict
 
 GRAD_RTOL = 5e-5   # max |diff| / max |ref| per tensor; measured 2.9e-6 (ours), 3.5e-6 (mmseg f32)
 KINK_ATOL = 2e-5   # gate flips allowed only this close to 0; head pre-activations differ <= 7e-6
@@ -84,7 +84,7 @@ def torch_train_step(backbone, head, images, labels, bases, dtype, gates=None):
   import torch
   from mmengine.structures import PixelData
   from mmseg.structures import SegDataSample
-  from mmseg_reference import train_mode_copies
+  from segnext_jax.mmseg_reference import train_mode_copies
   backbone, head = train_mode_copies(backbone, head, dtype)
   pre = {}
   capture_preacts(head, pre)

@@ -165,7 +165,7 @@ def test_eight_host_devices_match_one(tmp_path):
 def test_pretrained_backbone_loads_loudly(tmp_path, t_variables):
   import torch
   from segnext_jax.pretrained import load_pretrained
-  from mmseg_reference import randomize_
+  from segnext_jax.mmseg_reference import randomize_
   backbone, _ = mmseg_segmentor_modules("t")
   randomize_(backbone, 3)
   sd = dict(backbone.state_dict(), **{"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})

@@ -1,4 +1,8 @@
-"""What every command-line entry point shares: flag spelling, the compile cache, error exits.
+"""What every command shares (flag spelling, the compile cache, error exits); one module per command.
+
+The commands (`segnext_jax.cli.train`, `eval`, `predict`, `export`, `from_torch`, `to_torch`) are
+installed as `segnext-train`, `segnext-eval`, ... and run by the top-level scripts of the
+repository (`python train.py`, ...), which are the same `main`.
 
 Flags are spelled `--batch-size`; `--batch_size` is accepted as an alias everywhere. Every script's
 `main` is `cli.run(_main, argv)`: an expected failure (bad input, a fault) ends as one line on
@@ -21,9 +25,6 @@ from segnext_jax import faults
 EXPECTED = (faults.Fault, ValueError, OSError, ImportError)
 
 DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
-FAST_CPU_HINT = ("On Linux, segnext_jax sets glibc's malloc to reuse XLA's freed step buffers instead "
-                 "of page-faulting fresh ones every step (segnext_jax/cpu_memory.py); "
-                 "SEGNEXT_JAX_MALLOC=system opts out.")
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
@@ -33,8 +34,9 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
   return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
-  return argparse.ArgumentParser(description=doc, epilog=FAST_CPU_HINT,
+def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+  """The command's parser: its module docstring as the description, shown as written."""
+  return argparse.ArgumentParser(prog=prog, description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -57,7 +59,9 @@ COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JA
 
 
 def quiet_absl() -> None:
+  """Library chatter off: absl (orbax) below errors, JAX's 'Unable to initialize backend' notes."""
   logging.getLogger("absl").setLevel(logging.ERROR)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def one_line(e: BaseException) -> str:
@@ -85,6 +89,11 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
       code, prefix = (e.exit_code, e.prefix) if isinstance(e, faults.Fault) else (2, "error")
       print(f"{prefix}: {one_line(e)}", file=sys.stderr)
       return code
+
+
+def console(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
+  """A `[project.scripts]` entry point: main(sys.argv[1:]) ending the process with its status."""
+  return lambda: exit_with(main(None))
 
 
 def exit_with(code: int) -> None:
