@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segnext_jax import checkpoint, faults
 from segnext_jax.config import TrainConfig, recipe_diff, to_json
+from segnext_jax.data.transforms import device_normalize
 from segnext_jax.metric_writer import MetricWriter
 from segnext_jax.loss import seg_cross_entropy
 from segnext_jax.model import SegNeXt, init_variables, segnext
@@ -64,15 +65,20 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,
   """Forward (BN batch stats over the global batch), mmseg CE, backward, AdamW update.
 
   Randomness (DropPath/Dropout2d, NMF bases) is derived from (base_key, step), never stored.
+  A uint8 batch (TrainLoader's: image, label, valid size 'hw') is normalised and padded here,
+  to the bit as the host would; a float32 one is taken as it is.
   """
   key = jax.random.fold_in(base_key, state.step)
   k_drop, k_nmf = jax.random.split(key)
+  image, label = batch["image"], batch["label"].astype(jnp.int32)
+  if image.dtype == jnp.uint8:
+    image = device_normalize(image, batch["hw"])
 
   def loss_fn(params):
-    logits, new = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+    logits, new = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, image,
                                  train=True, mutable=["batch_stats"],
                                  rngs={"dropout": k_drop, "nmf": k_nmf})
-    return seg_cross_entropy(logits, batch["label"]), new["batch_stats"]
+    return seg_cross_entropy(logits, label), new["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   lr = schedule(state.step)
@@ -222,10 +228,10 @@ def validate_config(cfg: TrainConfig, devices: int, processes: int) -> None:
   backend.policy()  # a bad SEGNEXT_JAX_POLICY: its one-line error before the workdir is touched
   flag = lambda name: "--" + name.replace("_", "-")
   for name in ("steps", "batch_size", "crop_size", "ckpt_every", "log_every", "eval_every",
-               "keep_ckpts", "workers", "nmf_rank"):
+               "keep_ckpts", "nmf_rank"):
     if getattr(cfg, name) < 1:
       raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must be at least 1")
-  for name in ("warmup_steps", "eval_images"):
+  for name in ("warmup_steps", "eval_images", "workers"):
     if getattr(cfg, name) < 0:
       raise ValueError(f"{flag(name)} {getattr(cfg, name)}: must not be negative")
   if not (np.isfinite(cfg.lr) and cfg.lr > 0):
@@ -314,8 +320,7 @@ def _acquire(lock: faults.WorkdirLock) -> None:
 
 def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_after: int | None,
            progress: bool) -> dict:
-  from segnext_jax.eval_lib import evaluate
-  from segnext_jax.inference import InferenceConfig, Predictor
+  from segnext_jax.eval import InferenceConfig, Segmenter, evaluate
   from segnext_jax.data.loader import TrainLoader
   from segnext_jax.data.transforms import TrainPipeline
   import tqdm
@@ -364,7 +369,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   pipeline = TrainPipeline(crop=(cfg.crop_size, cfg.crop_size), scale=tuple(cfg.resize_scale))
   loader = TrainLoader(train_ds, pipeline, cfg.batch_size, cfg.seed, start, cfg.workers,
                        process_index=jax.process_index(), process_count=jax.process_count())
-  predictor = Predictor.for_model(model.clone(remat=False), InferenceConfig(  # compiled once
+  segmenter = Segmenter.for_model(model.clone(remat=False), InferenceConfig(  # compiled once
       scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
       stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -409,7 +414,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
           break
         if done % cfg.eval_every == 0 or done == cfg.steps:
           check_finite(done, metrics, cfg, saved)
-          res = evaluate(predictor, state.variables(), val_ds, cfg.eval_images, progress=False)
+          res = evaluate(segmenter, state.variables(), val_ds, cfg.eval_images, progress=False)
           history["eval"].append((done, res["mIoU"], res["aAcc"]))
           pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
           writer.write(done, pct, prefix="val", extra={"IoU": {

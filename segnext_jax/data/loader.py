@@ -1,13 +1,26 @@
-"""Host-side batching: deterministic per (seed, step), worker threads, prefetch, per-process shards.
+"""Host-side batching: grain worker processes, deterministic per (seed, step, slot), per-process shards.
 
-Sample order and augmentation depend only on (seed, step), so a resumed run at step k sees exactly
-the batches an uninterrupted run sees; no loader state needs checkpointing.
+The record of (step, slot) is `transform.record(*dataset[batch_indices(...)[slot]],
+np.random.default_rng([seed, step, slot]))`, whoever computes it, so a resumed run at step k sees
+exactly the batches an uninterrupted run sees, with any worker count; no loader state needs
+checkpointing. Records are uint8 (image, label, valid size); the train step normalises them.
+
+Why grain's dataset API (MapDataset -> to_iter_dataset -> mp_prefetch -> batch) and not
+grain.DataLoader: the index of a record already says which (step, slot) it is, so no sampler or
+grain-drawn seed is wanted; mp_prefetch hands record i to worker i % workers and reads them back
+round-robin, so the order (and so every batch) does not depend on the worker count. Workers are
+processes (no GIL between cv2 calls): `workers` of them scale with cores.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
+import dataclasses
+import functools
+import gc
+import os
 import queue
+import signal
 import threading
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,71 +28,146 @@ import numpy as np
 from segnext_jax.data.datasets import SegDataset
 
 Batch = dict[str, np.ndarray]
+ENDLESS = 2**62
+CLOSE_WAIT_S = 60  # close(): longest wait for the batch being collected (a stuck read: give up)  # records of a stream (it never ends: the trainer stops reading)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False
+  return perm
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Global sample indices of `step`: consecutive slices of a per-epoch seeded permutation."""
   per_epoch = max(n // batch_size, 1)
   epoch, pos = divmod(step, per_epoch)
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  return perm[np.arange(pos * batch_size, (pos + 1) * batch_size) % n]
+  return _permutation(n, seed, epoch)[np.arange(pos * batch_size, (pos + 1) * batch_size) % n]
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """Record i of one process's stream: step start + i // local, slot first + i % local of the
+  global batch. Picklable: it is what the worker processes receive."""
+  dataset: SegDataset
+  transform: Callable
+  seed: int
+  global_batch: int
+  start: int
+  first: int
+  local: int
+
+  def step_slot(self, i: int) -> tuple[int, int]:
+    step, j = divmod(i, self.local)
+    return self.start + step, self.first + j
+
+  def __call__(self, i: int) -> dict:
+    step, slot = self.step_slot(i)
+    index = batch_indices(len(self.dataset), self.global_batch, step, self.seed)[slot]
+    img, label = self.dataset[int(index)]
+    return self.transform.record(img, label, np.random.default_rng([self.seed, step, slot]))
+
+
+def _init_worker(parent: int, index: int, count: int) -> None:
+  """In each worker process: signals are the trainer's to handle (it stops the workers when it
+  has saved), one cv2 thread per worker process, and exit when the trainer is gone."""
+  import cv2
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  cv2.setNumThreads(1)
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)
+  threading.Thread(target=watch, daemon=True, name="segnext-parent-watch").start()
+
+
+def _grain():
+  """grain, usable outside absl.app: 0.2.18's mp_prefetch reads one absl flag directly (the
+  others through its config, which falls back to defaults); mark that one as given, with its
+  default value, as grain does for its own debug flags in each worker."""
+  import grain
+  from absl import flags
+  flags.FLAGS["grain_enable_multiprocess_worker_profiling"].present = True
+  return grain
 
 
 class TrainLoader:
-  """Yields {'image': (b,H,W,3) f32, 'label': (b,H,W) i32} for steps start, start+1, ...
-
-  b = global batch / process_count: each process builds only its own shard of every batch.
-  """
+  """Yields (step, {'image': (b,H,W,3) uint8, 'label': (b,H,W) uint8, 'hw': (b,2) int32}) for
+  steps start, start+1, ...; b = global batch / process_count: each process builds only its own
+  shard of every batch. `workers` processes compute records (0: in this process, no prefetch);
+  `prefetch` batches are kept ready ahead of the trainer."""
 
   def __init__(self, dataset: SegDataset, transform: Callable, global_batch: int, seed: int,
                start_step: int = 0, workers: int = 4, prefetch: int = 2,
                process_index: int = 0, process_count: int = 1):
+    grain = _grain()
     if global_batch % process_count:
       raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
-    self.dataset, self.transform, self.seed = dataset, transform, seed
-    self.global_batch, self.step = global_batch, start_step
+    if workers < 0:
+      raise ValueError(f"workers {workers}: must be 0 (in this process) or more")
     local = global_batch // process_count
-    self.local_slice = slice(process_index * local, (process_index + 1) * local)
-    self.pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="segnext-data")
-    self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
-    self.stop = threading.Event()
-    self.thread = threading.Thread(target=self._fill, daemon=True)
-    self.thread.start()
-
-  def _sample(self, step: int, slot: int, index: int):
-    img, label = self.dataset[int(index)]
-    return self.transform(img, label, np.random.default_rng([self.seed, step, slot]))
-
-  def make_batch(self, step: int) -> Batch:
-    idx = batch_indices(len(self.dataset), self.global_batch, step, self.seed)
-    slots = range(self.global_batch)[self.local_slice]
-    samples = list(self.pool.map(lambda s: self._sample(step, s, idx[s]), slots))
-    return {"image": np.stack([s[0] for s in samples]),
-            "label": np.stack([s[1] for s in samples]).astype(np.int32)}
+    self.records = Records(dataset, transform, seed, global_batch, start_step,
+                           process_index * local, local)
+    self.step = start_step
+    ds = grain.MapDataset.range(ENDLESS).map(self.records).to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if workers:
+      ds = ds.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=workers,
+                                       per_worker_buffer_size=-(-prefetch * local // workers)),
+          worker_init_fn=functools.partial(_init_worker, os.getpid()))
+    self._it = ds.batch(local, drop_remainder=True).__iter__()
+    # one batch ahead in a thread: workers start now (overlapping the model's compile), and
+    # collecting a batch from them overlaps the trainer's step
+    self._ahead: queue.Queue = queue.Queue(maxsize=1)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, daemon=True, name="segnext-data")
+    self._thread.start()
 
   def _fill(self) -> None:
-    step = self.step
-    while not self.stop.is_set():
+    while not self._stop.is_set():
       try:
-        item = (step, self.make_batch(step))
-      except Exception as e:  # surfaced in the consumer thread
-        item = (step, e)
-      while not self.stop.is_set():
+        item = next(self._it)
+      except BaseException as e:  # raised to the trainer from __iter__; after close: dropped
+        item = e
+      while not self._stop.is_set():
         try:
-          self.queue.put(item, timeout=0.1)
+          self._ahead.put(item, timeout=0.1)
           break
         except queue.Full:
           continue
-      step += 1
+      if isinstance(item, BaseException):
+        return
+
+  def make_batch(self, step: int) -> Batch:
+    """The batch of `step`, computed here (the reference the iterator is checked against)."""
+    n = (step - self.records.start) * self.records.local
+    recs = [self.records(n + j) for j in range(self.records.local)]
+    return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
 
   def __iter__(self) -> Iterator[tuple[int, Batch]]:
     while True:
-      step, batch = self.queue.get()
-      if isinstance(batch, Exception):
+      if self._stop.is_set():
+        raise ValueError("TrainLoader: iterating after close()")
+      batch = self._ahead.get()
+      if isinstance(batch, BaseException):
         raise batch
+      step, self.step = self.step, self.step + 1
       yield step, batch
 
   def close(self) -> None:
-    self.stop.set()
-    self.thread.join(timeout=5)
-    self.pool.shutdown(wait=False, cancel_futures=True)
+    """Stop and join the worker processes (idempotent; waits at most for the batch being
+    collected: grain's iterators must not be closed under a next() in progress, it would never
+    return). They are then dropped and collected while the interpreter is whole: left to its
+    exit, their __del__ runs close again on half torn-down modules ('Exception ignored')."""
+    self._stop.set()
+    it, self._it = self._it, None
+    if it is None:
+      return
+    self._thread.join(timeout=CLOSE_WAIT_S)
+    it.close()
+    del it
+    gc.collect()

@@ -1,0 +1,181 @@
+"""Train input pipeline speed: our TrainLoader (grain worker processes) per worker count against
+mmseg 1.x's own ADE20K `train_pipeline` on one core, measured in the same run.
+
+  python benchmarks/input_pipeline.py --make-data /tmp/ade_bench      # 24 ADE-sized JPEGs, once
+  python benchmarks/input_pipeline.py --data ade20k:/tmp/ade_bench --workers 1 2
+
+Prints one line per worker count, `workers=N images_per_s=X` (batch 16, 512x512 crops, the ADE20K
+train recipe: RandomResize (2048, 512) x 0.5-2, RandomCrop cat_max 0.75, flip, photometric), then
+mmseg's `train_pipeline` (LoadImageFromFile, LoadAnnotations(reduce_zero_label), RandomResize,
+RandomCrop, RandomFlip, PhotoMetricDistortion, PackSegInputs) in a subprocess pinned to one core,
+and a per-sample profile of our pipeline's stages on one thread. Both sides read the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path("/work/shared/realdata/ade20k_val3")
+SIZES = ((512, 683), (683, 512), (512, 768), (384, 512), (512, 512), (600, 800), (480, 640),
+         (768, 1024))  # (H, W): ADE20K train images are mostly ~512 on the short side
+
+
+def make_data(out: Path, src: Path = REALDATA, count: int = 24) -> Path:
+  """An ADEChallengeData2016-style tree of `count` ADE-sized JPEG/PNG pairs (train and val) made
+  from the real samples in `src`: each a 2x2 mirror tiling of one sample resized to a SIZES entry
+  (bilinear image, nearest mask), so photos keep real texture and masks real class layouts."""
+  import cv2
+  from PIL import Image
+  images = sorted((src / "images" / "validation").glob("*.jpg"))
+  if not images:
+    raise SystemExit(f"{src}: no ADE20K sample images under images/validation")
+  for split in ("training", "validation"):
+    for kind in ("images", "annotations"):
+      (out / kind / split).mkdir(parents=True, exist_ok=True)
+  for i in range(count):
+    jpg = images[i % len(images)]
+    img = cv2.imread(str(jpg), cv2.IMREAD_COLOR)
+    mask = np.asarray(Image.open(src / "annotations" / "validation" / (jpg.stem + ".png")))
+    tile = lambda a: np.concatenate([np.concatenate([a, a[:, ::-1]], 1)] * 2, 0)
+    h, w = SIZES[i % len(SIZES)]
+    img = cv2.resize(tile(img), (w, h), interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(np.ascontiguousarray(tile(mask)), (w, h), interpolation=cv2.INTER_NEAREST)
+    for split in ("training", "validation") if i < 4 else ("training",):
+      name = f"ADE_{split[:5]}_{i:08d}"
+      cv2.imwrite(str(out / "images" / split / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+      Image.fromarray(mask).save(out / "annotations" / split / f"{name}.png")
+  return out
+
+
+def mmseg_images_per_s(root: Path, samples: int) -> float:
+  """mmseg 1.x's ADE20KDataset with the train_pipeline of its _base_ ade20k config, on this core."""
+  from segnext_jax.mmseg_reference import stub_mmcv_ops
+  stub_mmcv_ops()
+  import cv2
+  import mmseg
+  from mmengine.config import Config
+  from mmseg.datasets import ADE20KDataset
+  from mmseg.utils import register_all_modules
+  cv2.setNumThreads(1)
+  register_all_modules()
+  cfg = Config.fromfile(Path(mmseg.__file__).parent / ".mim/configs/_base_/datasets/ade20k.py")
+  ds = ADE20KDataset(data_root=str(root), pipeline=cfg.train_pipeline, data_prefix=dict(
+      img_path="images/training", seg_map_path="annotations/training"))
+  np.random.seed(0)
+  for i in range(4):  # warm-up: imports and first calls
+    ds[i]
+  t = time.perf_counter()
+  for i in range(samples):
+    ds[i % len(ds)]
+  return samples / (time.perf_counter() - t)
+
+
+def recipe_pipeline():
+  """TrainPipeline as train.py builds it for ADE20K (ratio range, cat_max_ratio: mmseg's, the
+  pipeline's defaults)."""
+  from segnext_jax.data.transforms import TrainPipeline
+  from segnext_jax.recipes import RECIPES
+  r = RECIPES["ade20k"]
+  return TrainPipeline(crop=(r["crop_size"],) * 2, scale=tuple(r["resize_scale"]))
+
+
+def loader_images_per_s(ds, workers: int, batches: int, batch: int = 16) -> float:
+  """TrainLoader's steady rate: batches after the first two (process start, warm-up) are timed."""
+  from segnext_jax.data.loader import TrainLoader
+  loader = TrainLoader(ds, recipe_pipeline(), batch, seed=0, workers=workers)
+  try:
+    it = iter(loader)
+    for _ in range(2):
+      next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch / (time.perf_counter() - t)
+  finally:
+    loader.close()
+
+
+def profile_stages(ds, samples: int) -> dict[str, float]:
+  """Mean ms per sample of each stage of TrainPipeline.record, one thread (cv2 too)."""
+  import cv2
+  from segnext_jax.data import files, transforms as T
+  cv2.setNumThreads(1)
+  pipe, ms = recipe_pipeline(), {}
+  def lap(name, t0):
+    ms[name] = ms.get(name, 0.0) + 1e3 * (time.perf_counter() - t0) / samples
+    return time.perf_counter()
+  images, masks = getattr(ds, "images", None), getattr(ds, "masks", None)
+  for n in range(samples):
+    rng, i = np.random.default_rng([0, n, 0]), n % len(ds)
+    t = time.perf_counter()
+    img = files.read_image(images[i])
+    t = lap("decode image (cv2)", t)
+    raw = files.read_mask(masks[i])
+    t = lap("decode mask (PIL)", t)
+    ds.lut[raw], files.scan_pair(images[i], masks[i], ds.lut, ds.num_classes, "i", "m")
+    label = ds.lut[raw]
+    t = lap("dataset checks + label map", t)
+    ratio = rng.uniform(*pipe.ratio_range)
+    hw = T.rescale_size(img.shape[:2], (int(pipe.scale[0] * ratio), int(pipe.scale[1] * ratio)))
+    img, label = T.resize_image(img, hw), T.resize_label(label, hw)
+    t = lap("resize", t)
+    img, label = T.random_crop(img, label, rng, pipe.crop, pipe.cat_max_ratio)
+    t = lap("crop (cat_max retries)", t)
+    if rng.random() < pipe.flip_prob:
+      img, label = cv2.flip(img, 1), label[:, ::-1]
+    t = lap("flip", t)
+    img = T.photometric_distortion(np.ascontiguousarray(img), rng)
+    t = lap("photometric", t)
+    out = np.zeros((*pipe.crop, 3), np.uint8)
+    out[:img.shape[0], :img.shape[1]] = img
+    lap("pad (uint8)", t)
+  ms["total"] = sum(ms.values())
+  return ms
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--data", help="ade20k:DIR (an ADEChallengeData2016 tree)")
+  p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+  p.add_argument("--batches", type=int, default=12, help="timed batches of 16 per worker count")
+  p.add_argument("--mmseg-samples", type=int, default=192)
+  p.add_argument("--profile-samples", type=int, default=96)
+  p.add_argument("--make-data", metavar="DIR", help="write 24 ADE-sized pairs to DIR and exit")
+  p.add_argument("--mmseg-only", metavar="DIR", help=argparse.SUPPRESS)  # the pinned child
+  args = p.parse_args(argv)
+  if args.make_data:
+    print(f"wrote {make_data(Path(args.make_data))}; run with --data ade20k:{args.make_data}")
+    return
+  if args.mmseg_only:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    print(json.dumps({"images_per_s": mmseg_images_per_s(Path(args.mmseg_only),
+                                                         args.mmseg_samples)}))
+    return
+  if not args.data or not args.data.startswith("ade20k:"):
+    p.error("--data ade20k:DIR is required (make one with --make-data DIR)")
+  from segnext_jax.data.datasets import make_dataset
+  ds = make_dataset(args.data, "train")
+  print(f"{args.data}: {len(ds)} images, batch 16, 512x512 crops, ADE20K recipe; "
+        f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
+  for w in args.workers:
+    print(f"workers={w} images_per_s={loader_images_per_s(ds, w, args.batches):.1f}", flush=True)
+  child = subprocess.run([sys.executable, __file__, "--mmseg-only", args.data.partition(":")[2],
+                          "--mmseg-samples", str(args.mmseg_samples)],
+                         capture_output=True, text=True, check=True)
+  mm = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
+  print(f"mmseg train_pipeline (1 core) images_per_s={mm:.1f}")
+  print(f"per-sample profile, one thread ({args.profile_samples} samples), ms:")
+  for name, ms in profile_stages(ds, args.profile_samples).items():
+    print(f"  {name:28s} {ms:6.2f}")
+
+
+if __name__ == "__main__":
+  main()
