@@ -34,3 +34,28 @@ def test_gpu_benchmark_dry_run():
     assert float(r[6]) < (1e-5 if r[2] == "fp32" else 5e-2), r
   assert re.search(r"^workers=2 images_per_s=[0-9.]+$", out, re.M)
   assert re.search(r"^implied policy for cpu: dw_impl=\w+, gradient_boundary=(True|False)", out, re.M)
+
+
+def test_all_records_a_run_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+  """benchmarks/all.py writes the machine, each command and its tables to the record; a failing
+  benchmark leaves the previous record as it was (exit 2, one error line)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("benchmarks_all", REPO / "benchmarks/all.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  (tmp_path / "ok.py").write_text("print('| a | b |'); print('|---|---|'); print('| 1 | 2 |')\n")
+  (tmp_path / "bad.py").write_text("import sys; print('half'); sys.exit('broken on purpose')\n")
+  record = tmp_path / "benchmarks.md"
+  monkeypatch.setattr(bench, "HERE", tmp_path)
+  monkeypatch.setattr(bench, "jobs", lambda quick: [["ok.py", "--x", "1"]])
+  monkeypatch.setattr(sys, "argv", ["all.py", "--out", str(record)])
+  assert bench.main() == 0
+  text = record.read_text()
+  assert text.startswith(bench.PREAMBLE) and "### `python benchmarks/ok.py --x 1`" in text
+  assert "| a | b |\n|---|---|\n| 1 | 2 |" in text and "- CPU: " in text and "- commit: " in text
+  monkeypatch.setattr(bench, "jobs", lambda quick: [["ok.py"], ["bad.py"]])
+  capsys.readouterr()
+  assert bench.main() == 2
+  assert record.read_text() == text and not list(tmp_path.glob("*.tmp"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "broken on purpose" in err[0] and err[-1].startswith("error: benchmarks/bad.py failed")
