@@ -8,7 +8,9 @@ Prints one line per worker count, `workers=N images_per_s=X` (batch 16, 512x512 
 train recipe: RandomResize (2048, 512) x 0.5-2, RandomCrop cat_max 0.75, flip, photometric), then
 mmseg's `train_pipeline` (LoadImageFromFile, LoadAnnotations(reduce_zero_label), RandomResize,
 RandomCrop, RandomFlip, PhotoMetricDistortion, PackSegInputs) in a subprocess pinned to one core,
-and a per-sample profile of our pipeline's stages on one thread. Both sides read the same files.
+the CPU time per image of each (ours: the training process and its workers), and a per-sample
+profile of our stages on one thread. Both sides read the same files. Images/s depend on what
+else the machine runs; CPU time per image much less so.
 """
 from __future__ import annotations
 
@@ -55,8 +57,9 @@ def make_data(out: Path, src: Path = REALDATA, count: int = 24) -> Path:
   return out
 
 
-def mmseg_images_per_s(root: Path, samples: int) -> float:
-  """mmseg 1.x's ADE20KDataset with the train_pipeline of its _base_ ade20k config, on this core."""
+def mmseg_rate(root: Path, samples: int) -> tuple[float, float]:
+  """(images/s, CPU ms per image) of mmseg 1.x's ADE20KDataset with the train_pipeline of its
+  _base_ ade20k config, on this core."""
   from segnext_jax.mmseg_reference import stub_mmcv_ops
   stub_mmcv_ops()
   import cv2
@@ -72,10 +75,10 @@ def mmseg_images_per_s(root: Path, samples: int) -> float:
   np.random.seed(0)
   for i in range(4):  # warm-up: imports and first calls
     ds[i]
-  t = time.perf_counter()
+  c, t = time.process_time(), time.perf_counter()
   for i in range(samples):
     ds[i % len(ds)]
-  return samples / (time.perf_counter() - t)
+  return samples / (time.perf_counter() - t), 1e3 * (time.process_time() - c) / samples
 
 
 def recipe_pipeline():
@@ -87,58 +90,67 @@ def recipe_pipeline():
   return TrainPipeline(crop=(r["crop_size"],) * 2, scale=tuple(r["resize_scale"]))
 
 
-def loader_images_per_s(ds, workers: int, batches: int, batch: int = 16) -> float:
-  """TrainLoader's steady rate: batches after the first two (process start, warm-up) are timed."""
+def _workers() -> list:
+  import psutil
+  return [p for p in psutil.Process().children()
+          if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def loader_rate(ds, workers: int, batches: int, batch: int = 16) -> tuple[float, float]:
+  """TrainLoader's steady (images/s, CPU ms per image of this process and its workers); the
+  first two batches (process start, warm-up) are not timed."""
   from segnext_jax.data.loader import TrainLoader
   loader = TrainLoader(ds, recipe_pipeline(), batch, seed=0, workers=workers)
   try:
     it = iter(loader)
     for _ in range(2):
       next(it)
-    t = time.perf_counter()
+    procs = _workers()
+    cpu = lambda: time.process_time() + sum(sum(p.cpu_times()[:2]) for p in procs)
+    c, t = cpu(), time.perf_counter()
     for _ in range(batches):
       next(it)
-    return batches * batch / (time.perf_counter() - t)
+    n = batches * batch
+    return n / (time.perf_counter() - t), 1e3 * (cpu() - c) / n
   finally:
     loader.close()
 
 
-def profile_stages(ds, samples: int) -> dict[str, float]:
-  """Mean ms per sample of each stage of TrainPipeline.record, one thread (cv2 too)."""
+def profile_stages(ds, samples: int) -> tuple[dict[str, float], dict[str, float]]:
+  """Mean ms per sample of each stage of TrainLoader's work, one thread (cv2 too), and of the
+  decodes inside dataset[i] (timed apart, not in the total)."""
   import cv2
   from segnext_jax.data import files, transforms as T
   cv2.setNumThreads(1)
-  pipe, ms = recipe_pipeline(), {}
-  def lap(name, t0):
-    ms[name] = ms.get(name, 0.0) + 1e3 * (time.perf_counter() - t0) / samples
+  pipe, ms, inside = recipe_pipeline(), {}, {}
+  def lap(table, name, t0):
+    table[name] = table.get(name, 0.0) + 1e3 * (time.perf_counter() - t0) / samples
     return time.perf_counter()
-  images, masks = getattr(ds, "images", None), getattr(ds, "masks", None)
   for n in range(samples):
     rng, i = np.random.default_rng([0, n, 0]), n % len(ds)
     t = time.perf_counter()
-    img = files.read_image(images[i])
-    t = lap("decode image (cv2)", t)
-    raw = files.read_mask(masks[i])
-    t = lap("decode mask (PIL)", t)
-    ds.lut[raw], files.scan_pair(images[i], masks[i], ds.lut, ds.num_classes, "i", "m")
-    label = ds.lut[raw]
-    t = lap("dataset checks + label map", t)
+    files.read_image(ds.images[i])
+    t = lap(inside, "decode image (cv2)", t)
+    files.read_mask(ds.masks[i])
+    t = lap(inside, "decode mask (PIL)", t)
+    img, label = ds[i]
+    t = lap(ms, "dataset[i]: decode, check, label map", t)
     ratio = rng.uniform(*pipe.ratio_range)
     hw = T.rescale_size(img.shape[:2], (int(pipe.scale[0] * ratio), int(pipe.scale[1] * ratio)))
     img, label = T.resize_image(img, hw), T.resize_label(label, hw)
-    t = lap("resize", t)
+    t = lap(ms, "resize", t)
     img, label = T.random_crop(img, label, rng, pipe.crop, pipe.cat_max_ratio)
-    t = lap("crop (cat_max retries)", t)
+    t = lap(ms, "crop (cat_max re-draws)", t)
     if rng.random() < pipe.flip_prob:
       img, label = cv2.flip(img, 1), label[:, ::-1]
-    t = lap("flip", t)
+    t = lap(ms, "flip", t)
     img = T.photometric_distortion(np.ascontiguousarray(img), rng)
-    t = lap("photometric", t)
+    t = lap(ms, "photometric", t)
     out = np.zeros((*pipe.crop, 3), np.uint8)
     out[:img.shape[0], :img.shape[1]] = img
-    lap("pad (uint8)", t)
+    lap(ms, "pad (uint8)", t)
   ms["total"] = sum(ms.values())
-  return ms
+  return ms, inside
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,25 +168,36 @@ def main(argv: list[str] | None = None) -> None:
     return
   if args.mmseg_only:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    print(json.dumps({"images_per_s": mmseg_images_per_s(Path(args.mmseg_only),
-                                                         args.mmseg_samples)}))
+    rate, cpu_ms = mmseg_rate(Path(args.mmseg_only), args.mmseg_samples)
+    print(json.dumps({"images_per_s": rate, "cpu_ms": cpu_ms}))
     return
   if not args.data or not args.data.startswith("ade20k:"):
     p.error("--data ade20k:DIR is required (make one with --make-data DIR)")
   from segnext_jax.data.datasets import make_dataset
   ds = make_dataset(args.data, "train")
   print(f"{args.data}: {len(ds)} images, batch 16, 512x512 crops, ADE20K recipe; "
-        f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
+        f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start")
+  cpu = {}
   for w in args.workers:
-    print(f"workers={w} images_per_s={loader_images_per_s(ds, w, args.batches):.1f}", flush=True)
+    rate, cpu[w] = loader_rate(ds, w, args.batches)
+    print(f"workers={w} images_per_s={rate:.1f}", flush=True)
   child = subprocess.run([sys.executable, __file__, "--mmseg-only", args.data.partition(":")[2],
                           "--mmseg-samples", str(args.mmseg_samples)],
                          capture_output=True, text=True, check=True)
-  mm = json.loads(child.stdout.strip().splitlines()[-1])["images_per_s"]
-  print(f"mmseg train_pipeline (1 core) images_per_s={mm:.1f}")
-  print(f"per-sample profile, one thread ({args.profile_samples} samples), ms:")
-  for name, ms in profile_stages(ds, args.profile_samples).items():
-    print(f"  {name:28s} {ms:6.2f}")
+  mm = json.loads(child.stdout.strip().splitlines()[-1])
+  print(f"mmseg train_pipeline (1 core) images_per_s={mm['images_per_s']:.1f}")
+  print("CPU time per image (all processes; what a loaded machine does not change much), and "
+        "the images/s one core gives at that cost:")
+  for w, ms in cpu.items():
+    print(f"  ours, workers={w:<3d} {ms:6.2f} ms  {1e3 / ms:6.1f} images/s per core")
+  print(f"  mmseg, 1 core   {mm['cpu_ms']:6.2f} ms  {1e3 / mm['cpu_ms']:6.1f} images/s per core")
+  stages, inside = profile_stages(ds, args.profile_samples)
+  print(f"our per-sample stages, one thread ({args.profile_samples} samples), ms:")
+  for name, ms in stages.items():
+    print(f"  {name:38s} {ms:6.2f}")
+  for name, ms in inside.items():
+    print(f"    within dataset[i]: {name:19s} {ms:6.2f}")
+  print(f"load average {os.getloadavg()[0]:.2f} at the end (numbers from a loaded machine are noisy)")
 
 
 if __name__ == "__main__":
