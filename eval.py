@@ -52,8 +52,8 @@ def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
   from segnext_jax.data.datasets import check, make_dataset
-  from segnext_jax.eval_lib import evaluate
-  from segnext_jax.inference import Predictor
+  import tqdm
+  from segnext_jax.eval import Segmenter, evaluate
   meta = inference_cli.read_meta(args)  # path and step checked before anything heavy
   data = args.data or (meta.get("config") or {}).get("data")
   if data is None:
@@ -66,7 +66,8 @@ def _main(argv=None) -> int:
                      f"{dataset.num_classes}")
   print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
         f"{inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
-  res = evaluate(Predictor.for_model(run.model, run.cfg), run.variables, dataset, args.max_images)
+  segmenter = Segmenter.for_model(run.model, run.cfg, notify=tqdm.tqdm.write)
+  res = evaluate(segmenter, run.variables, dataset, args.max_images)
   names = run.meta.get("class_names") or list(dataset.class_names)
   print(format_table(res, names))
   if args.out:

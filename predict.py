@@ -105,7 +105,7 @@ def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
   from segnext_jax.data.datasets import read_image
-  from segnext_jax.inference import Predictor
+  from segnext_jax.eval import Segmenter
   files = collect_images(args.images)
   meta = inference_cli.read_meta(args)
   k = (meta.get("model") or {}).get("num_classes", 150)
@@ -115,14 +115,14 @@ def _main(argv=None) -> int:
   run = inference_cli.load(args)
   k = run.model.num_classes
   names, colors = class_names(run.meta, k), palette(run.meta, k)
-  predictor = Predictor.for_model(run.model, run.cfg)
+  segmenter = Segmenter.for_model(run.model, run.cfg, notify=print)
   print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
         f"{inference_cli.describe(run.cfg)}\nNMF bases: {run.bases}")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for path in files:
     img = read_image(path)
-    pred = predictor.classes(run.variables, img)
+    pred = segmenter.classes(run.variables, img)
     write_outputs(out, path.stem, img, pred, colors, names)
     present = ", ".join(str(names[c]) for c in np.unique(pred))
     print(f"{path}: {img.shape[1]}x{img.shape[0]} -> {out}/{path.stem}_*.png ({present})")

@@ -1,4 +1,4 @@
-"""Evaluation throughput on ADE20K-sized images: `eval_lib.evaluate` (what eval.py runs), whole
+"""Evaluation throughput on ADE20K-sized images: `segnext_jax.eval.evaluate` (what eval.py runs), whole
 and multi-scale + flip TTA, with a cold and then a warm on-disk compile cache.
 
   python benchmarks/eval_throughput.py [--variant t] [--images 10] [--modes whole tta]
@@ -52,17 +52,16 @@ def run_one(args) -> dict:
   """One evaluation in this process (the --side child)."""
   from segnext_jax.cli import enable_compile_cache
   from segnext_jax.data.datasets import make_dataset
-  from segnext_jax.eval_lib import evaluate
-  from segnext_jax.inference import InferenceConfig, Predictor
+  from segnext_jax.eval import InferenceConfig, Segmenter, evaluate
   from segnext_jax.model import fixed_bases, init_variables, segnext
   import jax
   enable_compile_cache(args.cache)
   model = segnext(args.variant)
   variables = {**init_variables(model, jax.random.key(0)), **fixed_bases(model, 0)}
   dataset = make_dataset(f"ade20k:{args.data}", "val")
-  predictor = Predictor.for_model(model, InferenceConfig(tta=args.mode == "tta"))
+  segmenter = Segmenter.for_model(model, InferenceConfig(tta=args.mode == "tta"))
   t = time.perf_counter()
-  res = evaluate(predictor, variables, dataset, progress=False)
+  res = evaluate(segmenter, variables, dataset, progress=False)
   return {"seconds": time.perf_counter() - t, "images": res["images"]}
 
 

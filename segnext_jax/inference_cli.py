@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 
 from segnext_jax import cli
-from segnext_jax.inference import InferenceConfig
+from segnext_jax.eval.config import InferenceConfig
+from segnext_jax.eval.views import PIPELINES
 from segnext_jax.recipes import eval_settings
-from segnext_jax.views import PIPELINES
 
 PIPELINE_HELP = (
     "mmseg1 (default): mmseg 1.x; single scale = keep-ratio resize into --scale, zero-pad to /32; "

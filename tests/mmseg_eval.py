@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from segnext_jax.model import VARIANTS
-from mmseg_reference import TorchReference, stub_mmcv_ops
+from segnext_jax.mmseg_reference import TorchReference, stub_mmcv_ops
 
 ADE_VAL3 = Path(__file__).parent / "data" / "ade20k_val3"
 

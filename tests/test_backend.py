@@ -137,19 +137,19 @@ def test_plain_policy_gives_the_cpu_policys_train_step():
 
 
 def test_plain_policy_gives_the_cpu_policys_predictions():
-  from segnext_jax.inference import InferenceConfig, Predictor
+  from segnext_jax.eval import InferenceConfig, Segmenter
   from segnext_jax.model import init_variables, segnext
   model = segnext("t", **TINY, num_classes=6)
   v = init_variables(model, jax.random.key(0))
   img = np.random.default_rng(1).integers(0, 255, (70, 100, 3)).astype(np.float32)
   cfg = InferenceConfig(scale=(128, 64))
   with backend.override(staged_inference=True, dw_impl="shift"):
-    staged = Predictor.for_model(model, cfg)
+    staged = Segmenter.for_model(model, cfg)
     a = staged.scores(v, img)
   with backend.override(**PLAIN):
-    plain = Predictor.for_model(model, cfg)
+    plain = Segmenter.for_model(model, cfg)
     b = plain.scores(v, img)
   from segnext_jax.staged import StagedForward
-  assert isinstance(staged.padded_fn, StagedForward) and not isinstance(plain.padded_fn, StagedForward)
+  assert isinstance(staged.forward.fn, StagedForward) and not isinstance(plain.forward.fn, StagedForward)
   assert a.shape == b.shape == (70, 100, 6)
   np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))

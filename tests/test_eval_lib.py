@@ -1,8 +1,12 @@
 """Evaluation: metrics vs mmseg's IoUMetric, the test pipeline vs mmseg's EncoderDecoder, modes."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import jax
 import numpy as np
+from jax import monitoring
 import pytest
 import torch
 
@@ -10,10 +14,8 @@ from conftest import TINY
 from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
-from segnext_jax.eval_lib import evaluate
-from segnext_jax.inference import InferenceConfig, Predictor, to_original
-from segnext_jax.metrics import confusion_matrix, metrics_from_confusion
-from segnext_jax.views import View, prepare
+from segnext_jax.eval import (CompiledForward, InferenceConfig, Segmenter, View, confusion_matrix,
+                              evaluate, metrics_from_confusion, prepare, to_original)
 
 
 def test_metrics_hand_made():
@@ -53,7 +55,8 @@ def test_logit_resize_matches_torch_bilinear(src, dst):
   x = np.random.default_rng(0).standard_normal((*src, 3)).astype(np.float32)
   ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(2, 0, 1))[None], size=dst,
                                         mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
-  got = np.asarray(to_original(x, src, dst))[:dst[0], :dst[1]]
+  got = to_original(x, src, dst)
+  assert got.shape == (*dst, 3)
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -78,7 +81,7 @@ def test_predictor_matches_mmseg_test_pipeline(torch_ref_t, converted_t, mode):
   model, variables = converted_t
   cfg = InferenceConfig(scale=(200, 100), mode=mode, crop=(64, 64), stride=(48, 48))
   img = (np.random.default_rng(0).random((83, 121, 3)) * 255).astype(np.uint8)
-  ours = Predictor.for_model(model, cfg).scores(variables, img)
+  ours = Segmenter.for_model(model, cfg).scores(variables, img)
   resized = resize_image(img, rescale_size(img.shape[:2], cfg.scale))  # mmseg's Resize: cv2 too
   seg = segmentor(torch_ref_t, mode, crop=cfg.crop, stride=cfg.stride)
   use_bases(seg, fixed_bases(variables))
@@ -88,13 +91,15 @@ def test_predictor_matches_mmseg_test_pipeline(torch_ref_t, converted_t, mode):
 
 
 def test_flipped_view_matches_mmseg_postprocess(torch_ref_t, converted_t):
-  """A flipped view: mmseg crops the padding, flips back, resizes; so do we (by gather indices)."""
+  """A flipped view: mmseg crops the padding, flips back, resizes; so do we (by gather indices),
+  from the stride-8 logits of the view run on its canvas."""
   model, variables = converted_t
   img = (np.random.default_rng(2).random((45, 70, 3)) * 255).astype(np.uint8)
   view = View((50, 78), flip=True)
   x, valid = prepare(img, view)
-  ours = np.asarray(to_original(Predictor.for_model(model).logits(variables, x[None])[0], valid,
-                                img.shape[:2], flip=True))[:45, :70]
+  logits = Segmenter.for_model(model).run(variables, [x])[0]
+  assert logits.shape[:2] == (64 // 8, 96 // 8)  # /32 input 64x96 (also its canvas)
+  ours = to_original(logits, valid, img.shape[:2], flip=True, padded=x.shape[:2])
   seg = segmentor(torch_ref_t)
   use_bases(seg, fixed_bases(variables))
   ref = predict_view(seg, resize_image(img, view.size)[:, ::-1], img.shape[:2], flip=True)
@@ -143,43 +148,102 @@ def counting(model, shapes: list):
   return apply
 
 
-def test_evaluate_is_deterministic_batched_and_compiles_per_shape(tiny_variables):
+def counting_segmenter(model, cfg: InferenceConfig, traced: list, **kwargs) -> Segmenter:
+  """A Segmenter on canvases whose forward records the input shape of every trace."""
+  return Segmenter(CompiledForward(jax.jit(counting(model, traced)), cfg, **kwargs), cfg)
+
+
+def test_evaluate_is_deterministic_batched_and_compiles_per_canvas(tiny_variables):
   model, variables = six_class_model(tiny_variables)
   ds = VariedSizes(11)
   traced = []
-  pred = Predictor(counting(model, traced), InferenceConfig(scale=(128, 64), batch_size=2))
-  r1 = evaluate(pred, variables, ds, progress=False)
+  cfg = InferenceConfig(scale=(128, 64), batch_size=2)
+  seg = counting_segmenter(model, cfg, traced)
+  r1 = evaluate(seg, variables, ds, progress=False)
   n_traced = len(traced)
-  r2 = evaluate(pred, variables, VariedSizes(11, order=reversed(range(11))), progress=False)
+  r2 = evaluate(seg, variables, VariedSizes(11, order=reversed(range(11))), progress=False)
   assert len(traced) == n_traced  # the second evaluation reuses every program
   np.testing.assert_array_equal(r1["confusion"], r2["confusion"])
   assert r1["confusion"].sum() == sum(int((ds[i][1] != 255).sum()) for i in range(len(ds)))
-  shapes = {pred.cfg.padded_shape(prepare(img, *pred.cfg.views(img.shape[:2]))[0].shape[:2])
-            for img, _ in (ds[i] for i in range(len(ds)))}
-  # one program per (bucket shape, power-of-two batch <= 2)
-  assert len(shapes) <= n_traced <= 2 * len(shapes) and len(shapes) < len(ds)
-  single = Predictor.for_model(model, InferenceConfig(scale=(128, 64), batch_size=1))
+  canvases = {cfg.canvas(prepare(img, *cfg.views(img.shape[:2]))[0].shape[:2])
+              for img, _ in (ds[i] for i in range(len(ds)))}
+  # one program per canvas, at the one batch size (leftovers padded with filler images)
+  assert sorted(traced) == sorted((2, *c, 3) for c in canvases) and len(canvases) < len(ds)
+  single = Segmenter.for_model(model, dataclasses.replace(cfg, batch_size=1))
   r3 = evaluate(single, variables, ds, progress=False)
   np.testing.assert_array_equal(r1["confusion"], r3["confusion"])  # batching changes nothing
   for i in (0, 7):
     img, _ = ds[i]
-    (view,) = pred.cfg.views(img.shape[:2])
+    (view,) = cfg.views(img.shape[:2])
     x, valid = prepare(img, view)
-    batched = to_original(pred.logits(variables, np.stack([x, np.zeros_like(x)]))[0], valid,
-                          img.shape[:2])
-    np.testing.assert_allclose(np.asarray(batched)[:img.shape[0], :img.shape[1]],
-                               single.scores(variables, img), atol=1e-5)
+    logits = seg.run(variables, [x, np.zeros_like(x)])  # with a filler image on one canvas
+    batched = to_original(logits[0], valid, img.shape[:2], padded=x.shape[:2])
+    np.testing.assert_allclose(batched, single.scores(variables, img), atol=1e-5)
 
 
-def test_warm_compiles_each_input_shape_once_in_the_background(tiny_variables):
+def test_warm_compiles_each_canvas_once_in_the_background(tiny_variables):
   model, variables = six_class_model(tiny_variables)
-  traced = []
-  pred = Predictor(counting(model, traced), InferenceConfig(tta=True), compile_threads=1)
+  traced, said = [], []
+  seg = counting_segmenter(model, InferenceConfig(tta=True), traced, threads=1, notify=said.append)
   img = VariedSizes(1)[0][0][:20, :20]
-  shapes = pred.input_shapes(img.shape[:2])
-  assert shapes == [(2, 32, 32, 3), (2, 64, 64, 3)]  # views 10..30 px pad to 32, 35 px to 64
-  pred.warm(variables, img.shape[:2])
-  pred.warm(variables, img.shape[:2])  # already compiling: nothing new
-  scores = pred.scores(variables, img)
-  assert sorted(traced) == sorted(shapes)  # each traced (and compiled) once, none by scores()
+  seg.warm(variables, img.shape[:2])
+  seg.warm(variables, img.shape[:2])  # already compiling: nothing new
+  assert seg.forward.programs == [(2, 32, 32), (2, 64, 64)]  # views 10..30 px pad to 32, 35 px to 64
+  scores = seg.scores(variables, img)
+  assert said == ["compiling the forward for 32x32 views, batch 2",
+                  "compiling the forward for 64x64 views, batch 2"]
+  assert sorted(traced) == [(2, 32, 32, 3), (2, 64, 64, 3)]  # each traced (and compiled) once
+  assert scores.shape == (20, 20, 6)
   np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-5)
+
+
+class Sized(VariedSizes):
+  """VariedSizes with the given sizes, one image each."""
+
+  def __init__(self, sizes):
+    super().__init__(len(sizes))
+    self.sizes = sizes
+
+
+@contextlib.contextmanager
+def xla_compiles():
+  """The names of the XLA programs built inside the block (every jit and eager op, any thread)."""
+  names = []
+  def listen(event, seconds, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(kw.get("fun_name"))
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+
+
+def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
+  """After one evaluation, images of sizes never seen compile nothing, whole and TTA: views run
+  on the config's canvases, the resize to the original size in fixed tiles (images of 50-390 px:
+  original sizes in 4 blocks of 128 px, which the old per-size resize compiled for)."""
+  _, variables = six_class_model(tiny_variables)
+  model = segnext("t", **TINY, num_classes=6, dw_impl="lax")  # any impl; lax compiles fastest
+  first = [(64, 64), (60, 90), (70, 50), (96, 64), (200, 140), (300, 450)]
+  more = [(61, 91), (72, 100), (50, 75), (90, 66), (80, 80), (150, 200), (260, 390), (390, 270)]
+  whole = InferenceConfig(scale=(128, 64), batch_size=2)
+  canvases = lambda sizes: {whole.canvas(v.shape) for s in sizes for v in whole.views(s)}
+  assert canvases(more) == canvases(first) == {(64, 64), (64, 96), (96, 64)}
+  seg = Segmenter.for_model(model, whole)
+  with xla_compiles() as built:
+    evaluate(seg, variables, Sized(first), progress=False)
+  assert len(built) >= 3  # this counter sees the programs: one forward per canvas at least
+  with xla_compiles() as built:
+    r = evaluate(seg, variables, Sized(more), progress=False)
+  assert built == [] and r["images"] == len(more)
+
+  tta = InferenceConfig(tta=True)  # views of the original x 0.5-1.75: the canvases follow its size
+  first, more = [(40, 56)], [(30, 55), (37, 60), (43, 66)]
+  canvases = lambda sizes: {tta.canvas(v.shape) for s in sizes for v in tta.views(s)}
+  assert canvases(more) <= canvases(first) and len(canvases(first)) == 5
+  seg = Segmenter.for_model(model, tta)
+  evaluate(seg, variables, Sized(first), progress=False)
+  with xla_compiles() as built:
+    evaluate(seg, variables, Sized(more), progress=False)
+  assert built == []

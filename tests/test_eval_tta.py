@@ -14,12 +14,11 @@ import torch
 
 from mmseg_eval import (ADE_VAL3, ade20k_config, fixed_bases, iou_metric, predict_view, segmentor,
                         use_bases)
-from mmseg_reference import stub_mmcv_ops
+from segnext_jax.mmseg_reference import stub_mmcv_ops
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import reduce_zero_label
-from segnext_jax.inference import InferenceConfig, Predictor
-from segnext_jax.metrics import confusion_matrix, metrics_from_confusion
-from segnext_jax.views import TTA_RATIOS, prepare, views
+from segnext_jax.eval import (TTA_RATIOS, InferenceConfig, Segmenter, confusion_matrix,
+                              metrics_from_confusion, prepare, views)
 
 PROB_ATOL = 1e-4  # mean class probabilities, float32 whole network (logits agree to 1e-4)
 SIZES = [(512, 683), (364, 500), (300, 400), (75, 100), (427, 640), (1, 7), (333, 333), (641, 97)]
@@ -130,7 +129,7 @@ def test_tta_mmseg1_matches_seg_tta_model(torch_ref_t, converted, small_ade):
   ref_pred = merged.pred_sem_seg.data[0].numpy()
   np.testing.assert_array_equal(merged.gt_sem_seg.data[0].numpy(), label)
 
-  pred = Predictor.for_model(model, InferenceConfig(tta=True))
+  pred = Segmenter.for_model(model, InferenceConfig(tta=True))
   prob = pred.scores(variables, img)
   err = np.abs(prob - ref_prob).max()
   print(f"mmseg1 TTA: max |mean prob - SegTTAModel's| = {err:.2e}")
@@ -151,7 +150,7 @@ def test_tta_official_matches_encoder_decoder_views(torch_ref_t, converted, smal
            for view, flip in official_views_numpy(img, scale, TTA_RATIOS)]
   ref_prob = torch.stack(probs).mean(0).numpy()
 
-  pred = Predictor.for_model(model, InferenceConfig(pipeline="official", tta=True, scale=scale))
+  pred = Segmenter.for_model(model, InferenceConfig(pipeline="official", tta=True, scale=scale))
   prob = pred.scores(variables, img)
   err = np.abs(prob - ref_prob).max()
   print(f"official TTA: max |mean prob - EncoderDecoder views'| = {err:.2e}")

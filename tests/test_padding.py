@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from segnext_jax import segnext
-from segnext_jax.inference import InferenceConfig, Predictor, to_original
+from segnext_jax.eval import CompiledForward, InferenceConfig, to_original
 from segnext_jax.padding import bucket, clamp_to_valid, stage_mask
 from conftest import TINY
-from test_eval_lib import counting
+from test_eval_lib import counting_segmenter
 
 ATOL = 2e-6  # float32 rounding: logits are O(0.5); a leak across the border moves them by 1e-2
 
@@ -76,8 +76,8 @@ def test_composed_resize_is_mmseg_two_step(flip):
   t = t.flip(-1) if flip else t
   ref = torch.nn.functional.interpolate(t, size=ori, mode="bilinear", align_corners=False)
   ref = ref[0].numpy().transpose(1, 2, 0)
-  got = np.asarray(to_original(logits, valid, ori, flip, index=1, padded=padded))
-  np.testing.assert_allclose(got[:ori[0], :ori[1]], ref, atol=1e-5)  # torch rounds twice in float32
+  got = to_original(logits[1], valid, ori, flip, padded=padded)
+  np.testing.assert_allclose(got, ref, atol=1e-5)  # torch rounds twice in float32
 
 
 def test_tta_in_coarse_buckets_equals_exact_shapes(tiny_variables):
@@ -88,8 +88,8 @@ def test_tta_in_coarse_buckets_equals_exact_shapes(tiny_variables):
   runs = {}
   for per_octave in (0, 1):
     traced = []
-    pred = Predictor(counting(model, traced), InferenceConfig(tta=True, buckets_per_octave=per_octave))
-    runs[per_octave] = pred.scores(tiny_variables, img), sorted(set(traced))
+    seg = counting_segmenter(model, InferenceConfig(tta=True, buckets_per_octave=per_octave), traced)
+    runs[per_octave] = seg.scores(tiny_variables, img), sorted(set(traced))
   (exact, exact_shapes), (coarse, coarse_shapes) = runs[0], runs[1]
   assert len(coarse_shapes) < len(exact_shapes)
   assert any(s not in exact_shapes for s in coarse_shapes)  # views really ran padded
@@ -99,6 +99,8 @@ def test_tta_in_coarse_buckets_equals_exact_shapes(tiny_variables):
 def test_bad_bucket_settings_are_one_line_errors():
   with pytest.raises(ValueError, match="buckets_per_octave must be >= 0"):
     InferenceConfig(buckets_per_octave=-1)
-  pred = Predictor(lambda v, x, valid=None: x, InferenceConfig())
+  forward = CompiledForward(jax.jit(lambda v, x, valid: x), InferenceConfig())
   with pytest.raises(ValueError, match=r"view 0 has shape \(40, 64\).*multiples of 32"):
-    pred.padded_logits({}, [np.zeros((40, 64, 3), np.float32)])
+    forward({}, [np.zeros((40, 64, 3), np.float32)], np.array([[40, 64]], np.int32))
+  with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    InferenceConfig(batch_size=0)

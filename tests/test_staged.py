@@ -1,5 +1,5 @@
 """StagedForward: the inference forward as per-part programs equals model.apply, compiles each
-stage's blocks once, and is what Predictor.for_model runs in whole mode."""
+stage's blocks once, and is what Segmenter.for_model runs in whole mode."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +8,7 @@ import numpy as np
 
 from conftest import TINY
 from segnext_jax import segnext
-from segnext_jax.inference import Predictor
+from segnext_jax.eval import Segmenter
 from segnext_jax.model import fixed_bases, init_variables
 from segnext_jax.staged import StagedForward
 
@@ -42,4 +42,4 @@ def test_one_program_per_stage_whatever_the_depth():
 
 def test_predictor_for_model_runs_staged():
   model = segnext("t")
-  assert isinstance(Predictor.for_model(model).padded_fn, StagedForward)
+  assert isinstance(Segmenter.for_model(model).forward.fn, StagedForward)

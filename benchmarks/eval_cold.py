@@ -1,0 +1,198 @@
+"""Cold evaluation of varied-size images: the whole `eval.py` process (fresh compile cache) against
+mmseg 1.x's own `Runner.test` on the same images and the same weights, whole-image and ms+flip TTA.
+
+  python benchmarks/eval_cold.py [--images 10] [--modes whole tta] [--sides ours mmseg]
+  python benchmarks/eval_cold.py --profile [--modes tta]   # where our cold eval's time goes
+
+The images are the three real ADE20K val JPEGs of tests/data, cut and resized to 200-700 px (ADE20K's
+val set has no single size), written as an ADEChallengeData2016 tree. The model is a random-init
+SegNeXt-T built by mmseg from its ADE20K config, saved as an mmseg .pth (what `Runner.test` loads)
+and converted with convert/from_torch.py (what `eval.py` loads). Each run is its own process, timed
+from start to exit: ours with an empty compile cache, mmseg as its tools/test.py runs a config
+(`--tta`: SegTTAModel over the config's tta_pipeline). `--profile` runs our evaluation in this
+process and sums XLA compile time per jitted function, against the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADE_SAMPLE = ROOT / "tests" / "data" / "ade20k_val3"
+# (height, width) of the benchmark images, 200-700 px: the three samples' own sizes first, then
+# crops of them resized to other sizes and aspect ratios (landscape and portrait).
+SIZES = [(512, 683), (364, 500), (300, 400), (480, 640), (700, 525), (230, 310), (256, 455),
+         (600, 450), (420, 690), (333, 500), (640, 360), (384, 512)]
+MMSEG_CONFIG = "segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py"
+
+
+def write_ade_tree(dst: Path, n: int) -> list[tuple[int, int]]:
+  """n images + annotations in ADEChallengeData2016 layout, cut and resized from the real samples."""
+  import cv2
+  import numpy as np
+  src_img = sorted((ADE_SAMPLE / "images" / "validation").glob("*.jpg"))
+  src_ann = sorted((ADE_SAMPLE / "annotations" / "validation").glob("*.png"))
+  for sub in ("images", "annotations"):
+    (dst / sub / "validation").mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    img = cv2.imread(str(src_img[i % len(src_img)]), cv2.IMREAD_COLOR)
+    ann = cv2.imread(str(src_ann[i % len(src_ann)]), cv2.IMREAD_UNCHANGED)
+    h, w = SIZES[i % len(SIZES)]
+    if (h, w) != img.shape[:2]:  # a crop of the target's aspect ratio, resized to it
+      ch = min(img.shape[0], int(img.shape[1] * h / w))
+      cw = min(img.shape[1], int(ch * w / h))
+      y, x = rng.integers(0, img.shape[0] - ch + 1), rng.integers(0, img.shape[1] - cw + 1)
+      img = cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+      ann = cv2.resize(ann[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_NEAREST)
+    name = f"ADE_val_{i + 1:08d}"
+    cv2.imwrite(str(dst / "images" / "validation" / f"{name}.jpg"), img)
+    cv2.imwrite(str(dst / "annotations" / "validation" / f"{name}.png"), ann)
+  return [SIZES[i % len(SIZES)] for i in range(n)]
+
+
+def mmseg_config(tta: bool, data: Path, pth: Path | None, work_dir: Path):
+  """The wheel's SegNeXt-T ADE20K config, pointed at `data` and `pth` (tools/test.py's --tta)."""
+  sys.path.insert(0, str(ROOT / "tests"))
+  from segnext_jax.mmseg_reference import stub_mmcv_ops
+  stub_mmcv_ops()
+  import mmseg
+  from mmengine.config import Config
+  cfg = Config.fromfile(str(Path(mmseg.__file__).parent / ".mim/configs" / MMSEG_CONFIG))
+  cfg.model.backbone.init_cfg = None  # no download: the weights come from `pth`
+  cfg.work_dir, cfg.load_from = str(work_dir), None if pth is None else str(pth)
+  cfg.test_dataloader.dataset.data_root = str(data)
+  if tta:
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.tta_model.module = cfg.model
+    cfg.model = cfg.tta_model
+  return cfg
+
+
+def write_checkpoint(tmp: Path) -> tuple[Path, Path]:
+  """A random-init mmseg SegNeXt-T .pth (mmseg's own init) and its convert/from_torch.py output."""
+  cfg = mmseg_config(False, tmp, None, tmp)
+  import torch
+  from mmseg.registry import MODELS
+  from mmseg.utils import register_all_modules
+  register_all_modules()
+  torch.manual_seed(0)
+  model = MODELS.build(cfg.model)
+  logging.getLogger("mmengine").setLevel(logging.ERROR)  # init_weights logs every tensor
+  model.init_weights()
+  pth = tmp / "segnext_t_random.pth"
+  torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": model.state_dict()}, pth)
+  out = tmp / "segnext_t_random"
+  subprocess.run([sys.executable, str(ROOT / "convert" / "from_torch.py"), str(pth), "-o", str(out)],
+                 check=True, capture_output=True)
+  return pth, out
+
+
+def mmseg_side(args) -> None:
+  """Runner.test in this process (the child that is timed)."""
+  from mmengine.runner import Runner
+  cfg = mmseg_config(args.mode == "tta", Path(args.data), Path(args.pth), Path(args.work_dir))
+  metrics = Runner.from_cfg(cfg).test()
+  print(json.dumps({"mIoU": float(metrics["mIoU"])}))
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+  t = time.perf_counter()
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+  seconds = time.perf_counter() - t
+  if out.returncode:
+    sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+  return seconds, out.stdout
+
+
+def ours(ckpt: Path, data: Path, mode: str, cache: Path) -> tuple[float, float]:
+  """(seconds, mIoU) of one cold eval.py process."""
+  cmd = [sys.executable, str(ROOT / "eval.py"), str(ckpt), f"--data=ade20k:{data}",
+         f"--compile-cache={cache}", *(["--tta"] if mode == "tta" else [])]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  seconds, out = timed(cmd, env)
+  return seconds, float(re.search(r"mIoU ([\d.]+)", out).group(1))
+
+
+def theirs(pth: Path, data: Path, mode: str, work_dir: Path) -> tuple[float, float]:
+  """(seconds, mIoU) of one mmseg Runner.test process."""
+  seconds, out = timed([sys.executable, __file__, "--mmseg-side", "--mode", mode, "--data",
+                        str(data), "--pth", str(pth), "--work-dir", str(work_dir)])
+  return seconds, json.loads(out.strip().splitlines()[-1])["mIoU"]
+
+
+def profile(ckpt: Path, data: Path, mode: str, cache: Path) -> None:
+  """Our eval in this process: wall time, and XLA compile seconds per jitted function."""
+  import jax
+  from jax import monitoring
+  compiles: dict[str, list[float]] = collections.defaultdict(list)
+
+  def listen(event: str, seconds: float, **kw) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles[kw.get("fun_name", "?")].append(seconds)
+
+  monitoring.register_event_duration_secs_listener(listen)
+  sys.path.insert(0, str(ROOT))
+  import eval as eval_script
+  t = time.perf_counter()
+  eval_script.main([str(ckpt), f"--data=ade20k:{data}", f"--compile-cache={cache}",
+                    *(["--tta"] if mode == "tta" else [])])
+  wall = time.perf_counter() - t
+  total = sum(map(sum, compiles.values()))
+  print(f"\n{mode}: wall {wall:.1f} s (after imports), XLA compile {total:.1f} s in "
+        f"{sum(map(len, compiles.values()))} programs, jax {jax.__version__}")
+  print("| function | programs | compile s |\n|---|---|---|")
+  for name, secs in sorted(compiles.items(), key=lambda kv: -sum(kv[1])):
+    print(f"| {name} | {len(secs)} | {sum(secs):.1f} |")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--images", type=int, default=10)
+  p.add_argument("--modes", nargs="+", default=["whole", "tta"], choices=["whole", "tta"])
+  p.add_argument("--sides", nargs="+", default=["ours", "mmseg"], choices=["ours", "mmseg"])
+  p.add_argument("--profile", action="store_true", help="profile our eval in this process instead")
+  p.add_argument("--mmseg-side", action="store_true", help=argparse.SUPPRESS)
+  for hidden in ("--mode", "--data", "--pth", "--work-dir"):
+    p.add_argument(hidden, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.mmseg_side:
+    return mmseg_side(args)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    sizes = write_ade_tree(tmp / "ade", args.images)
+    pth, ckpt = write_checkpoint(tmp)
+    for mode in args.modes:
+      if args.profile:
+        profile(ckpt, tmp / "ade", mode, tmp / f"cache-profile-{mode}")
+        continue
+      for side in args.sides:
+        if side == "ours":
+          s, miou = ours(ckpt, tmp / "ade", mode, tmp / f"cache-{mode}")
+        else:
+          s, miou = theirs(pth, tmp / "ade", mode, tmp / f"work-{mode}")
+        rows.append((mode, side, s, miou))
+        print(f"{mode} {side}: {s:.1f} s, mIoU {miou:.2f}", file=sys.stderr, flush=True)
+  if args.profile:
+    return
+  print(f"Cold eval, SegNeXt-T (random init), {args.images} ADE20K-format JPEGs of "
+        f"{min(map(min, sizes))}-{max(map(max, sizes))} px, {os.cpu_count()} CPU cores; whole "
+        "processes, ours with an empty compile cache")
+  print("| mode | evaluator | seconds | images/s | mIoU |\n|---|---|---|---|---|")
+  for mode, side, s, miou in rows:
+    name = "eval.py" if side == "ours" else "mmseg Runner.test"
+    print(f"| {mode} | {name} | {s:.1f} | {args.images / s:.2f} | {miou:.2f} |")
+
+
+if __name__ == "__main__":
+  main()

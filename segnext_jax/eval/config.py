@@ -1,0 +1,48 @@
+"""How an image becomes views and views become scores: the test pipeline, the inference mode, and
+the padded shapes ("canvases") that whole-mode views run at."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from segnext_jax import padding
+from segnext_jax.eval import views as views_lib
+from segnext_jax.eval.views import Pipeline, Size, View
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+  """The test pipeline (see eval/views.py), the mode, and how views are padded and batched."""
+  pipeline: Pipeline = "mmseg1"
+  tta: bool = False                    # multi-scale + flip, mean of softmax
+  scale: Size = (2048, 512)            # (long, short) bound of the single-scale resize (and official TTA)
+  mode: Literal["whole", "slide"] = "whole"
+  crop: Size = (1024, 1024)            # slide window
+  stride: Size = (768, 768)
+  batch_size: int = 4                  # evaluate(): single-view images of one canvas run together
+  size_divisor: int = 32
+  buckets_per_octave: int = 2          # whole mode: canvas sizes per octave, each axis (0: each /32 size)
+
+  def __post_init__(self):
+    if self.buckets_per_octave < 0:
+      raise ValueError(f"buckets_per_octave must be >= 0 (0: no buckets), got {self.buckets_per_octave}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    if self.mode not in ("whole", "slide"):
+      raise ValueError(f"unknown inference mode {self.mode!r}; expected 'whole' or 'slide'")
+
+  def views(self, hw: Size) -> list[View]:
+    return views_lib.views(hw, self.pipeline, self.scale, self.tta, self.size_divisor)
+
+  def canvas(self, hw: Size) -> Size:
+    """The padded shape a view of (h, w) runs at: /size_divisor, then the next of
+    `buckets_per_octave` sizes per octave on each axis. Views of any size share these few
+    shapes (padding.py makes padded inference exact), so the programs compiled for them are a
+    set fixed by the sizes' range, not by how many images come or of which sizes."""
+    h, w = views_lib.ceil_to(hw, self.size_divisor)
+    return padding.bucket(h, self.buckets_per_octave), padding.bucket(w, self.buckets_per_octave)
+
+  @property
+  def batches_images(self) -> bool:
+    """Single-view whole inference: several images can share one forward pass."""
+    return self.mode == "whole" and not self.tta
