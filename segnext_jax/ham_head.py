@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segnext_jax.layers import Conv1x1
-from segnext_jax.padding import clamp_to_valid, stage_mask, zero_outside
+from segnext_jax.padding import NO_PADDING, Padding, zero_outside
 from segnext_jax.resize import resize_bilinear
 
 GN_EPS = 1e-5
@@ -76,14 +76,16 @@ def nmf2d(x: jax.Array, bases: jax.Array, steps: int, grad: NMFGrad = "unroll",
 
 class ConvGN(nn.Module):
   """mmcv ConvModule(1x1, norm=GN(32)): conv (no bias) -> GroupNorm(32, eps 1e-5) [-> ReLU].
-  With a (B,H,W,1) `mask` the GroupNorm statistics are those of the positions inside it."""
+  Its GroupNorm statistics are those of the positions inside `pad`'s valid region."""
   features: int
   relu: bool = True
   dtype: Dtype = jnp.float32
+  pad: Padding = NO_PADDING
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = Conv1x1(self.features, False, self.dtype, KAIMING, name="conv")(x)
+    mask = self.pad.mask(x)
     mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
     x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x, mask=mask)
     return nn.relu(x) if self.relu else x
@@ -105,23 +107,24 @@ class Hamburger(nn.Module):
   NMF initial bases, in order of precedence: `bases` (B, C, R) if given; in training, a fresh
   draw per image from the 'nmf' rng (mmseg); in inference, the model's fixed bases (C, R), the
   variable `nmf_bases/bases` drawn once at init and stored with every checkpoint, shared by every
-  image: one image, one answer, whatever its batch, position or run.
+  image: one image, one answer, whatever its batch, position or run. NMF and ham_out's
+  GroupNorm see only the positions inside `pad`'s valid region.
   """
   rank: int = 16
   train_steps: int = 6
   eval_steps: int = 7
   nmf_grad: NMFGrad = "unroll"
   dtype: Dtype = jnp.float32
+  pad: Padding = NO_PADDING
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, bases: jax.Array | None = None) -> jax.Array:
     b, c = x.shape[0], x.shape[-1]
     enjoy = nn.relu(ConvBias(c, self.dtype, name="ham_in")(x))
     bases = self._initial_bases(b, c, train, bases)
     steps = self.train_steps if train else self.eval_steps
-    enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad, mask)
-    enjoy = ConvGN(c, relu=False, dtype=self.dtype, name="ham_out")(enjoy, mask)
+    enjoy = nmf2d(enjoy, bases, steps, self.nmf_grad, self.pad.mask(enjoy))
+    enjoy = ConvGN(c, relu=False, dtype=self.dtype, pad=self.pad, name="ham_out")(enjoy)
     return nn.relu(x + enjoy)
 
   def _initial_bases(self, b: int, c: int, train: bool, bases: jax.Array | None) -> jax.Array:
@@ -145,8 +148,8 @@ class Hamburger(nn.Module):
 
 
 class LightHamHead(nn.Module):
-  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution. With `valid`
-  (B, 2; see padding.py) they are exact inside each image's valid region."""
+  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution. With `pad`
+  (the image's padding, padding.py) they are exact inside each image's valid region."""
   num_classes: int = 150
   channels: int = 256
   ham_channels: int = 256
@@ -157,17 +160,15 @@ class LightHamHead(nn.Module):
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool,
-               nmf_bases: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
-    size = feats[0].shape[1:3]
-    mask = None
-    if valid is not None:  # feats are stages 2-4: strides 8, 16, 32
-      feats = [feats[0]] + [clamp_to_valid(f, valid, 8 * 2 ** i) for i, f in enumerate(feats[1:], 1)]
-      mask = stage_mask(valid, feats[0].shape, 8)
+               nmf_bases: jax.Array | None = None, pad: Padding = NO_PADDING) -> jax.Array:
+    size = feats[0].shape[1:3]  # feats are stages 2-4 (strides 8, 16, 32), resized to stride 8
+    feats = [feats[0]] + [pad.at(8 * 2 ** i).clamp(f) for i, f in enumerate(feats[1:], 1)]
+    pad = pad.at(8)
     x = jnp.concatenate([resize_bilinear(f, size).astype(self.dtype) for f in feats], axis=-1)
-    x = ConvGN(self.ham_channels, dtype=self.dtype, name="squeeze")(x, mask)
-    x = Hamburger(self.nmf_rank, nmf_grad=self.nmf_grad, dtype=self.dtype, name="hamburger")(
-        x, train=train, bases=nmf_bases, mask=mask)
-    x = ConvGN(self.channels, dtype=self.dtype, name="align")(x, mask)
+    x = ConvGN(self.ham_channels, dtype=self.dtype, pad=pad, name="squeeze")(x)
+    x = Hamburger(self.nmf_rank, nmf_grad=self.nmf_grad, dtype=self.dtype, pad=pad,
+                  name="hamburger")(x, train=train, bases=nmf_bases)
+    x = ConvGN(self.channels, dtype=self.dtype, pad=pad, name="align")(x)
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(x, deterministic=not train)  # Dropout2d
     logits_dtype = jnp.promote_types(self.dtype, jnp.float32)  # float32, or float64 in float64
     return Conv1x1(self.num_classes, True, logits_dtype, CLS_INIT, name="conv_seg")(x)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from segnext_jax.depthwise import Impl
 from segnext_jax.ham_head import LightHamHead, NMFGrad
 from segnext_jax.mscan import MSCAN
+from segnext_jax.padding import Padding
 
 # One row per released variant (mmseg 1.x configs/segnext, ADE20K 512x512).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -29,6 +30,7 @@ class SegNeXt(nn.Module):
   only for variables without 'nmf_bases') and, in training, 'dropout' (DropPath, Dropout2d).
   `valid` (B, 2), inference on padded images: each image's (h, w) before the padding, multiples
   of 32; the logits inside (h/8, w/8) are those of the unpadded image (see padding.py).
+  Its parts, the units StagedForward compiles one by one, are named by `is_part`.
   """
   embed_dims: Sequence[int] = VARIANTS["t"]["embed_dims"]
   depths: Sequence[int] = VARIANTS["t"]["depths"]
@@ -51,11 +53,20 @@ class SegNeXt(nn.Module):
     want = (images.shape[0], self.head_channels, self.nmf_rank)
     if nmf_bases is not None and tuple(nmf_bases.shape) != want:
       raise ValueError(f"nmf_bases has shape {tuple(nmf_bases.shape)}, expected {want} (B, C, R)")
+    pad = Padding(valid)
     feats = MSCAN(self.embed_dims, self.depths, self.mlp_ratios, self.drop_path, self.remat,
-                  self.dw_impl, self.dtype, name="backbone")(images, train=train, valid=valid)
+                  self.dw_impl, self.dtype, name="backbone")(images, train=train, pad=pad)
     return LightHamHead(self.num_classes, self.head_channels, self.head_channels, self.nmf_rank,
                         self.dropout, self.nmf_grad, self.dtype, name="decode_head")(
-                            feats[1:], train=train, nmf_bases=nmf_bases, valid=valid)
+                            feats[1:], train=train, nmf_bases=nmf_bases, pad=pad)
+
+
+def is_part(module: nn.Module) -> bool:
+  """Whether a module called inside SegNeXt.apply is one of its parts (staged.py compiles each
+  kind once): every module the backbone calls (stem, patch embeds, blocks, stage norms) and the
+  head. Parts take arrays, a `Padding` and static flags; between them the forward is only glue."""
+  return isinstance(module.parent, MSCAN) or (
+      isinstance(module, LightHamHead) and isinstance(module.parent, SegNeXt))
 
 
 def segnext(variant: str = "t", **overrides: Any) -> SegNeXt:

@@ -5,7 +5,8 @@ attribute names so the checkpoint key map is almost the identity.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,12 +16,13 @@ import numpy as np
 from segnext_jax import backend
 from segnext_jax.depthwise import Impl, depthwise_conv2d
 from segnext_jax.layers import conv
-from segnext_jax.padding import stage_mask, zero_outside
+from segnext_jax.padding import NO_PADDING, Padding
 
 BN_EPS = 1e-5
 LN_EPS = 1e-5
 LAYER_SCALE_INIT = 1e-2
 Dtype = Any
+ConvDef = Callable[..., nn.Module]  # (kernel_size, name=...) -> a depthwise conv module
 DW_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_in = kh*kw for depthwise
 
 
@@ -85,18 +87,19 @@ class BatchNorm(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise conv with bias; kernel stored as flax (kh, kw, 1, C), see `depthwise.py`. With a
-  `mask` (padded inference, see padding.py) the input is zero outside it, as past a border."""
+  """Depthwise conv with bias; kernel stored as flax (kh, kw, 1, C), see `depthwise.py`. Its
+  input is zero past `pad`'s valid region (padded inference, padding.py), as past a border."""
   kernel_size: tuple[int, int]
   impl: Impl = "auto"
   dtype: Dtype = jnp.float32
+  pad: Padding = NO_PADDING
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     kernel = self.param("kernel", DW_INIT, (*self.kernel_size, 1, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
-    return depthwise_conv2d(zero_outside(x.astype(self.dtype), mask), kernel, bias, impl=self.impl)
+    return depthwise_conv2d(self.pad.zero(x.astype(self.dtype)), kernel, bias, impl=self.impl)
 
 
 class DropPath(nn.Module):
@@ -139,73 +142,74 @@ class OverlapPatchEmbed(nn.Module):
 class MSCA(nn.Module):
   """Multi-scale conv attention (mmseg `MSCAAttention`): dw5x5, three strip branches, 1x1 mix, gate.
 
-  No sigmoid: the mixed features multiply the input directly.
+  No sigmoid: the mixed features multiply the input directly. `dw` makes its depthwise convs.
   """
+  dw: ConvDef
   strip_sizes: Sequence[int] = (7, 11, 21)
-  impl: Impl = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, u: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    dw = lambda kh, kw, name: DepthwiseConv((kh, kw), self.impl, self.dtype, name=name)
-    attn = dw(5, 5, "conv0")(u, mask)
+  def __call__(self, u: jax.Array) -> jax.Array:
+    attn = self.dw((5, 5), name="conv0")(u)
     total = attn
     for i, k in enumerate(self.strip_sizes):  # 1xk then kx1, named conv{i}_1 / conv{i}_2
-      total = total + dw(k, 1, f"conv{i}_2")(dw(1, k, f"conv{i}_1")(attn, mask), mask)
+      total = total + self.dw((k, 1), name=f"conv{i}_2")(self.dw((1, k), name=f"conv{i}_1")(attn))
     mixed = conv(u.shape[-1], 1, name="conv3", dtype=self.dtype)(total)
     return mixed * u
 
 
 class MSCASpatialAttention(nn.Module):
   """proj_1 -> GELU -> MSCA -> proj_2, plus an inner residual."""
-  impl: Impl = "auto"
+  dw: ConvDef
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     y = gelu(conv(c, 1, name="proj_1", dtype=self.dtype)(x))
-    y = MSCA(impl=self.impl, dtype=self.dtype, name="spatial_gating_unit")(y, mask)
+    y = MSCA(self.dw, dtype=self.dtype, name="spatial_gating_unit")(y)
     return conv(c, 1, name="proj_2", dtype=self.dtype)(y) + x
 
 
 class Mlp(nn.Module):
   """fc1 1x1 -> depthwise 3x3 -> GELU -> fc2 1x1 (dropout is 0 in every SegNeXt config)."""
   hidden: int
-  impl: Impl = "auto"
+  dw: ConvDef
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     y = conv(self.hidden, 1, name="fc1", dtype=self.dtype)(x)
-    y = gelu(DepthwiseConv((3, 3), self.impl, self.dtype, name="dwconv")(y, mask))
+    y = gelu(self.dw((3, 3), name="dwconv")(y))
     return conv(c, 1, name="fc2", dtype=self.dtype)(y)
 
 
 class MSCABlock(nn.Module):
-  """Pre-norm block: x += DropPath(ls1 * Attn(BN1 x)); x += DropPath(ls2 * Mlp(BN2 x))."""
+  """Pre-norm block: x += DropPath(ls1 * Attn(BN1 x)); x += DropPath(ls2 * Mlp(BN2 x)).
+  Its depthwise convs (impl, dtype, and `pad`: its stage's padding) are made here."""
   mlp_ratio: float
   drop_path: float = 0.0
   impl: Impl = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, pad: Padding = NO_PADDING) -> jax.Array:
     c = x.shape[-1]
     ls1 = self.param("layer_scale_1", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
     ls2 = self.param("layer_scale_2", nn.initializers.constant(LAYER_SCALE_INIT), (c,))
-    y = MSCASpatialAttention(self.impl, self.dtype, name="attn")(
-        BatchNorm(name="norm1")(x, train=train), mask)
+    dw = functools.partial(DepthwiseConv, impl=self.impl, dtype=self.dtype, pad=pad)
+    y = MSCASpatialAttention(dw, self.dtype, name="attn")(BatchNorm(name="norm1")(x, train=train))
     x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, train=train)
-    y = Mlp(int(c * self.mlp_ratio), self.impl, self.dtype, name="mlp")(
-        BatchNorm(name="norm2")(x, train=train), mask)
+    y = Mlp(int(c * self.mlp_ratio), dw, self.dtype, name="mlp")(BatchNorm(name="norm2")(x, train=train))
     return x + DropPath(self.drop_path)(ls2.astype(y.dtype) * y, train=train)
 
 
 class MSCAN(nn.Module):
-  """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC. `valid`
-  (B, 2): each image's size inside padding (see padding.py); the maps are exact inside it."""
+  """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC; with `pad`
+  (padded inference, padding.py) they are exact inside each image's valid region. In inference
+  every block has drop path 0 (DropPath is the identity there): a stage's blocks are then one
+  module definition, one program of StagedForward."""
   embed_dims: Sequence[int] = (32, 64, 160, 256)
   depths: Sequence[int] = (3, 3, 5, 2)
   mlp_ratios: Sequence[float] = (8, 8, 4, 4)
@@ -215,20 +219,20 @@ class MSCAN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None) -> list[jax.Array]:
-    rates = np.linspace(0.0, self.drop_path, sum(self.depths)).tolist()
+  def __call__(self, x: jax.Array, *, train: bool, pad: Padding = NO_PADDING) -> list[jax.Array]:
+    rates = np.linspace(0.0, self.drop_path if train else 0.0, sum(self.depths)).tolist()
     block_cls = nn.remat(MSCABlock, static_argnums=(2,)) if self.remat else MSCABlock
     outs, cur = [], 0
-    boundary = gradient_boundary if backend.policy().gradient_boundary else (lambda t: t)
+    boundary = gradient_boundary if train and backend.policy().gradient_boundary else (lambda t: t)
     x = x.astype(self.dtype)
     for s, (dim, depth, ratio) in enumerate(zip(self.embed_dims, self.depths, self.mlp_ratios), 1):
       if s == 1:
         x = StemConv(dim, self.dtype, name="patch_embed1")(x, train=train)
       else:
         x = OverlapPatchEmbed(dim, self.dtype, name=f"patch_embed{s}")(x, train=train)
-      mask = None if valid is None else stage_mask(valid, x.shape, 2 ** (s + 1))
       for i in range(depth):
-        x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(x, train, mask)
+        x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(
+            x, train, pad.at(2 ** (s + 1)))
         x = boundary(x)
       cur += depth
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"norm{s}")(x)

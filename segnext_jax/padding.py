@@ -3,15 +3,25 @@ region, the logits of the unpadded view, so views of many sizes share a few comp
 
 `valid` is a (B, 2) int array of each image's (height, width) before the extra padding, a
 multiple of 32 (the model's total stride): every stage map then has an exact valid size. What
-would otherwise leak across the valid border, and what this module provides to stop it:
-  * stride-1 spatial convs (the depthwise ones) read zeros past the border: `stage_mask` zeros
-    their inputs there. Stride-2 convs on even valid sizes never read past it.
-  * GroupNorm and NMF statistics sum over the valid positions only (the same masks).
-  * the head's bilinear resize clamps its source index at the valid edge: `clamp_to_valid`
+would otherwise leak across the valid border, and what stops it:
+  * stride-1 spatial convs (the depthwise ones) read zeros past the border: `Padding.zero`.
+    Stride-2 convs on even valid sizes never read past it.
+  * GroupNorm and NMF statistics sum over the valid positions only: `Padding.mask`.
+  * the head's bilinear resize clamps its source index at the valid edge: `Padding.clamp`
     replicates the edge row and column into the padding.
+
+The seam: `valid` enters the network once, as the `Padding` SegNeXt makes of it, and reaches
+the layers only as that object. The two kinds of part that hold such layers take it as a call
+argument (a backbone block gets its stage's `pad.at(stride)`, the head the image's); inside
+them it is a construction field `pad` of the three layers that read other positions
+(DepthwiseConv, ConvGN, Hamburger), set by whoever builds them: MSCA and Mlp never see it, they
+are handed the block's depthwise conv. An empty `Padding` (no `valid`: training, unpadded
+inference) makes all three methods the identity. It is a pytree (`valid` the data, the stride
+static), so it passes through jit, remat and StagedForward's per-part programs as an argument.
 """
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +49,32 @@ def clamp_to_valid(x: jax.Array, valid: jax.Array, stride: int) -> jax.Array:
   cols = jnp.minimum(jnp.arange(w)[None, :], (valid[:, 1] // stride - 1)[:, None])  # (B, w)
   x = jnp.take_along_axis(x, rows[:, :, None, None], axis=1)
   return jnp.take_along_axis(x, cols[:, None, :, None], axis=2)
+
+
+@flax.struct.dataclass
+class Padding:
+  """Each image's valid (h, w) (None: no padding), seen from maps of stride `stride`."""
+  valid: jax.Array | None = None
+  stride: int = flax.struct.field(pytree_node=False, default=1)
+
+  def at(self, stride: int) -> Padding:
+    """The same padding, for maps of stride `stride` (in input pixels)."""
+    return self.replace(stride=stride)
+
+  def mask(self, x: jax.Array) -> jax.Array | None:
+    """(B, h, w, 1) bool of NHWC map x's valid positions; None without padding."""
+    return None if self.valid is None else stage_mask(self.valid, x.shape, self.stride)
+
+  def zero(self, x: jax.Array) -> jax.Array:
+    """x with zeros past the valid region: what a stride-1 conv reads past a border."""
+    return zero_outside(x, self.mask(x))
+
+  def clamp(self, x: jax.Array) -> jax.Array:
+    """x with its last valid row and column repeated into the padding (see clamp_to_valid)."""
+    return x if self.valid is None else clamp_to_valid(x, self.valid, self.stride)
+
+
+NO_PADDING = Padding()
 
 
 def bucket(n: int, per_octave: int) -> int:

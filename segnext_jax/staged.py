@@ -2,9 +2,16 @@
 
 XLA compiles a program in time proportional to its fusions, and a whole-network program holds
 every block's: ~5 s for T at each new input shape, most of an evaluation with test-time
-augmentation (6 new shapes per image size). The blocks of a stage have equal shapes, so here
-each stage's blocks share one program: a new shape compiles the stem, 3 patch embeds, 4 blocks,
-4 norms and the head. Same modules, same variables, same numbers as `model.apply(train=False)`.
+augmentation (6 new shapes per image size). The blocks of a stage are equal, so here they share
+one program: a new shape compiles the stem, 3 patch embeds, 4 blocks, 4 norms and the head.
+
+How: the model's own forward runs (`model.apply(train=False)`, in Python), and each call of one
+of its parts (`model.is_part`) is routed, by flax's method interception, to a jitted program of
+that part: the module's definition without its name and its variables (`unbind`), its arrays
+as arguments, its flags static. Parts of equal definition and input shapes share a program.
+Nothing here restates the network: a layer added to the backbone or the head is staged as it
+is. (A parts list walked by both MSCAN and this file would make the model's code indirect; flax
+`setup` attributes cannot carry mmseg's names `block{s}_{i}` that the checkpoint map uses.)
 
 `StagedForward(model)(variables, images, valid)` runs it; `.lower(...).compile()` compiles every
 part ahead (abstract arguments), as `jax.jit(f).lower(...).compile()` does for one program.
@@ -12,32 +19,23 @@ part ahead (abstract arguments), as `jax.jit(f).lower(...).compile()` does for o
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from segnext_jax.ham_head import LightHamHead
-from segnext_jax.mscan import LN_EPS, MSCABlock, OverlapPatchEmbed, StemConv
-from segnext_jax.padding import stage_mask
+from segnext_jax.model import SegNeXt, is_part
 
-
-def _sub(variables: dict, *path: str) -> dict:
-  """The variables of one submodule: {collection: subtree} for the collections that have it."""
-  out = {}
-  for col, tree in variables.items():
-    for key in path:
-      if not isinstance(tree, dict) or key not in tree:
-        break
-      tree = tree[key]
-    else:
-      out[col] = tree
-  return out
+_ARRAY = "<array>"  # a part's argument passed to its program (the others are static)
+# A part's call as (program, variables, array arguments) -> output: run it, or lower it.
+Run = Callable[[Callable, dict, list], Any]
 
 
 @dataclasses.dataclass
-class _Lowered:
+class Lowered:
+  """The distinct programs of a forward, lowered; `compile()` compiles them all."""
   parts: list
 
   def compile(self) -> None:
@@ -48,57 +46,60 @@ class _Lowered:
 class StagedForward:
   """(variables, images (B,H,W,3), valid (B,2) int32 or None) -> stride-8 logits, as the model."""
 
-  def __init__(self, model):
-    m = model
-    self.model = m
-    self._embed = [jax.jit(self._module_fn(StemConv(m.embed_dims[0], m.dtype)))] + [
-        jax.jit(self._module_fn(OverlapPatchEmbed(d, m.dtype))) for d in m.embed_dims[1:]]
-    self._block = [jax.jit(self._block_fn(MSCABlock(r, 0.0, m.dw_impl, m.dtype), 2 ** (s + 1)))
-                   for s, r in enumerate(m.mlp_ratios, 1)]
-    self._norm = jax.jit(lambda v, x: nn.LayerNorm(epsilon=LN_EPS, dtype=m.dtype).apply(v, x))
-    head = LightHamHead(m.num_classes, m.head_channels, m.head_channels, m.nmf_rank, m.dropout,
-                        m.nmf_grad, m.dtype)
-    self._head = jax.jit(lambda v, feats, valid: head.apply(v, feats, train=False, valid=valid))
-
-  @staticmethod
-  def _module_fn(module: nn.Module) -> Callable:
-    return lambda v, x: module.apply(v, x, train=False)
-
-  @staticmethod
-  def _block_fn(block: MSCABlock, stride: int) -> Callable:
-    def fn(v, x, valid):
-      mask = None if valid is None else stage_mask(valid, x.shape, stride)
-      return block.apply(v, x, False, mask)
-    return fn
-
-  def _forward(self, variables: dict, images: Any, valid: Any, run: Callable) -> Any:
-    """The forward, each part applied through `run(part, *args)`: a call, or a lowering."""
-    bb = lambda *p: _sub(variables, "backbone", *p)
-    x, feats = images, []
-    for s, depth in enumerate(self.model.depths, 1):
-      x = run(self._embed[s - 1], bb(f"patch_embed{s}"), x)
-      for i in range(depth):
-        x = run(self._block[s - 1], bb(f"block{s}_{i}"), x, valid)
-      x = run(self._norm, bb(f"norm{s}"), x)
-      feats.append(x)
-    return run(self._head, _sub(variables, "decode_head"), feats[1:], valid)
+  def __init__(self, model: SegNeXt):
+    self.model = model
+    self._programs: dict[tuple, Callable] = {}
+    self._lock = threading.Lock()  # Predictor lowers in background threads while it runs
 
   def __call__(self, variables: dict, images: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be (B, H, W, 3), got shape {images.shape}")
-    images = jnp.asarray(images, self.model.dtype)
-    return self._forward(variables, images, valid, lambda fn, *args: fn(*args))
+    with nn.intercept_methods(self._interceptor(lambda program, v, arrays: program(v, arrays))):
+      return self.model.apply(variables, images, train=False, valid=valid)
 
-  def lower(self, variables: dict, images: jax.ShapeDtypeStruct, valid=None) -> _Lowered:
+  def lower(self, variables: dict, images: jax.ShapeDtypeStruct, valid: Any = None) -> Lowered:
     """Every part lowered for abstract inputs (each distinct program once)."""
-    done: dict[tuple, tuple] = {}  # (part, argument shapes) -> (lowered, abstract output)
+    done: dict[tuple, Any] = {}
 
-    def run(fn, *args):
-      key = (id(fn), str(jax.tree.map(lambda a: (a.shape, a.dtype), args)))
+    def run(program, v, arrays):
+      key = (program, str(jax.tree.map(lambda a: (a.shape, a.dtype), (v, arrays))))
       if key not in done:
-        low = fn.lower(*args)
-        done[key] = low, jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), low.out_info)
-      return done[key][1]
+        done[key] = program.lower(*jax.tree.map(_abstract, (v, arrays)))
+      return program(v, arrays)  # under eval_shape: abstract outputs for the next part
 
-    self._forward(variables, jax.ShapeDtypeStruct(images.shape, self.model.dtype), valid, run)
-    return _Lowered([low for low, _ in done.values()])
+    forward = lambda v, x, val: self.model.apply(v, x, train=False, valid=val)
+    with nn.intercept_methods(self._interceptor(run)):
+      jax.eval_shape(forward, variables, images, valid)
+    return Lowered(list(done.values()))
+
+  def _interceptor(self, run: Run) -> Callable:
+    def intercept(next_fun, args, kwargs, context):
+      if context.method_name != "__call__" or not is_part(context.module):
+        return next_fun(*args, **kwargs)
+      leaves, tree = jax.tree.flatten((args, kwargs))
+      arrays = [x for x in leaves if _is_array(x)]
+      statics = tuple(_ARRAY if _is_array(x) else x for x in leaves)
+      program = self._program(context.module, tree, statics)
+      return run(program, context.module.variables, arrays)
+    return intercept
+
+  def _program(self, part: nn.Module, tree: Any, statics: tuple) -> Callable:
+    """The jitted program of a part: (variables, its array arguments) -> its output. Keyed by
+    the part's fields (its definition, not its name) and its static arguments."""
+    fields = tuple(getattr(part, f.name) for f in dataclasses.fields(part) if f.name not in ("parent", "name"))
+    key = (type(part), fields, tree, statics)
+    with self._lock:
+      if key not in self._programs:
+        module = part.unbind()[0]
+        def program(variables: dict, arrays: list) -> Any:
+          it = iter(arrays)
+          args, kwargs = jax.tree.unflatten(tree, [next(it) if s is _ARRAY else s for s in statics])
+          return module.apply(variables, *args, **kwargs)
+        self._programs[key] = jax.jit(program)
+      return self._programs[key]
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
