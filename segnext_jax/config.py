@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,9 @@ class TrainConfig:
   ckpt_every: int = _f(16_000, "checkpoint every N steps")
   keep_ckpts: int = _f(3, "checkpoints kept")
   log_every: int = _f(50, "log metrics every N steps")
-  workers: int = _f(4, "host data-loading threads")
+  workers: int = _f(min(8, max(1, (os.cpu_count() or 2) - 1)),
+                    "worker processes that decode and augment training images (0: in the training "
+                    "process, for debugging); each gives ~100 ADE20K 512x512 images/s per core")
 
 
 # Fields that change how a run is watched or stored, not what it computes: a resumed run may

@@ -283,7 +283,7 @@ def test_train_loader_batches_from_each_layout(tmp_path, kind):
                                         RECIPES[kind]["steps"])
   train_ds, val_ds = prepare_data(cfg)
   loader = TrainLoader(train_ds, TrainPipeline(crop=(32, 32), scale=(64, 32)), 4, seed=0,
-                       workers=1)
+                       workers=0)
   try:
     _, batch = next(iter(loader))
   finally:
@@ -305,7 +305,7 @@ def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
     assert command("train").main([
         f"--data={spec}", f"--model-overrides={json.dumps(TINY)}", "--steps=2", "--batch-size=2",
         "--crop-size=32", "--resize-scale", "64", "32", "--eval-every=2", "--warmup-steps=1",
-        "--workers=1", "--log-every=1", f"--workdir={wd}"]) == 0
+        "--workers=0", "--log-every=1", f"--workdir={wd}"]) == 0
     assert load_script("eval").main([str(wd), "--data", spec, "--out", str(out)]) == 0
   assert "final (step 2): val mIoU" in log.getvalue()
   saved = json.loads((wd / "config.json").read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -202,11 +203,13 @@ def test_non_finite_loss_stops_with_the_step_and_never_saves_it(tmp_path, capsys
   before the save of step 7, one line with the step and a hint, exit 2, nothing non-finite on
   disk."""
   wd = tmp_path / "run"
-  real = train_lib.shard_batch
+  real, normalize = train_lib.shard_batch, train_lib.device_normalize
   def poisoned(batch, mesh):
-    if batch.get("_step") == 6:
-      batch = {**batch, "image": np.full_like(batch["image"], np.inf)}
+    if batch.get("_step") == 6:  # uint8 pixels cannot be inf: a valid size 0 marks the batch
+      batch = {**batch, "hw": np.zeros_like(batch["hw"])}
     return real({k: v for k, v in batch.items() if k != "_step"}, mesh)
+  monkeypatch.setattr(train_lib, "device_normalize", lambda image, hw: jnp.where(
+      (hw == 0).all(axis=1)[:, None, None, None], jnp.inf, normalize(image, hw)))
   counter = iter(range(10**6))
   monkeypatch.setattr(train_lib, "shard_batch",
                       lambda batch, mesh: poisoned({**batch, "_step": next(counter)}, mesh))

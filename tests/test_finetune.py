@@ -15,7 +15,7 @@ from test_parity import convert_cli
 from segnext_jax.data.synthetic import write_folder
 
 TRAIN = ["--steps", "2", "--batch-size", "2", "--crop-size", "64", "--resize-scale", "128", "64",
-         "--eval-every", "2", "--warmup-steps", "1", "--workers", "1", "--log-every", "1"]
+         "--eval-every", "2", "--warmup-steps", "1", "--workers", "0", "--log-every", "1"]
 
 
 def test_convert_finetune_eval_predict(torch_ref_t, tmp_path, caplog, capsys):

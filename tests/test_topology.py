@@ -19,7 +19,7 @@ from test_cli import load_script
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
          "--resize-scale", "128", "64", "--eval-every", "1000", "--eval-images", "4",
-         "--warmup-steps", "1", "--workers", "1", "--log-every", "1"]
+         "--warmup-steps", "1", "--workers", "0", "--log-every", "1"]
 
 
 def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.CompletedProcess:

@@ -72,7 +72,7 @@ def test_schedule_matches_mmengine_linear_then_poly():
 
 def _tiny_cfg(tmp_path, **kw) -> TrainConfig:
   base = dict(model_overrides=TINY, steps=6, batch_size=4, crop_size=64, resize_scale=(256, 64),
-              warmup_steps=2, eval_every=1000, ckpt_every=3, log_every=1, workers=2,
+              warmup_steps=2, eval_every=1000, ckpt_every=3, log_every=1, workers=0,
               workdir=str(tmp_path / "run"))
   return make_config(PRESETS["synthetic"], {**base, **kw})
 
