@@ -93,6 +93,7 @@ class StagedForward:
           it = iter(arrays)
           args, kwargs = jax.tree.unflatten(tree, [next(it) if s is _ARRAY else s for s in statics])
           return module.apply(variables, *args, **kwargs)
+        program.__name__ = program.__qualname__ = type(part).__name__  # jit(MSCABlock) in logs
         self._programs[key] = jax.jit(program)
       return self._programs[key]
 

@@ -1,6 +1,10 @@
-"""StagedForward: the inference forward as per-part programs equals model.apply, compiles each
-stage's blocks once, and is what Segmenter.for_model runs in whole mode."""
+"""StagedForward: the inference forward as per-part programs equals model.apply, lowers each
+distinct part once, compiling ahead leaves the call nothing to compile, and it is what
+Segmenter.for_model runs in whole mode."""
 from __future__ import annotations
+
+import collections
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +12,30 @@ import numpy as np
 
 from conftest import TINY
 from segnext_jax import segnext
-from segnext_jax.eval import Segmenter
+from segnext_jax.eval import InferenceConfig, Segmenter
 from segnext_jax.model import fixed_bases, init_variables
 from segnext_jax.staged import StagedForward
+
+PARTS = ("StemConv", "OverlapPatchEmbed", "MSCABlock", "LayerNorm", "LightHamHead")
+
+
+@contextlib.contextmanager
+def xla_programs():
+  """The names of the XLA programs built inside the block (compiled or loaded from the disk cache)."""
+  names = []
+  def listen(event, seconds, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(kw.get("fun_name"))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def parts_built(names: list[str]) -> collections.Counter:
+  """How many programs of each kind of part among `names` (jit(MSCABlock), ...)."""
+  return collections.Counter(p for n in names for p in PARTS if n == f"jit({p})")
 
 
 def test_staged_equals_model_apply_with_and_without_padding(tiny_variables):
@@ -25,7 +50,9 @@ def test_staged_equals_model_apply_with_and_without_padding(tiny_variables):
                                atol=2e-6, rtol=0)
 
 
-def test_one_program_per_stage_whatever_the_depth():
+def test_each_distinct_part_lowered_once_and_compiling_ahead_leaves_the_call_nothing():
+  """Whatever the depths, one program per stage's blocks; after lower(...).compile() the call
+  at those shapes builds no program (what Segmenter's background warm-up relies on)."""
   model = segnext("t", depths=(2, 1, 4, 2), embed_dims=(16, 32, 64, 64), head_channels=64,
                   dw_impl="lax")
   variables = {**init_variables(model, jax.random.key(1)), **fixed_bases(model, 0)}
@@ -33,13 +60,26 @@ def test_one_program_per_stage_whatever_the_depth():
   images = jax.ShapeDtypeStruct((1, 64, 96, 3), jnp.float32)
   lowered = staged.lower(variables, images, jax.ShapeDtypeStruct((1, 2), jnp.int32))
   assert len(lowered.parts) == 1 + 3 + 4 + 4 + 1  # stem, embeds, one block per stage, norms, head
-  lowered.compile()
+  with xla_programs() as built:
+    lowered.compile()
+  assert parts_built(built) == {"StemConv": 1, "OverlapPatchEmbed": 3, "MSCABlock": 4,
+                                "LayerNorm": 4, "LightHamHead": 1}
   x = np.random.default_rng(2).standard_normal(images.shape).astype(np.float32)
-  ref = jax.jit(lambda v, x, val: model.apply(v, x, valid=val))(variables, x, np.array([[64, 96]], np.int32))
-  np.testing.assert_allclose(np.asarray(staged(variables, x, np.array([[64, 96]], np.int32))),
-                             np.asarray(ref), atol=2e-6, rtol=0)
+  valid = np.array([[64, 96]], np.int32)
+  with xla_programs() as built:
+    got = staged(variables, x, valid)
+  assert built == []
+  ref = jax.jit(lambda v, x, val: model.apply(v, x, valid=val))(variables, x, valid)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-6, rtol=0)
 
 
-def test_predictor_for_model_runs_staged():
-  model = segnext("t")
-  assert isinstance(Segmenter.for_model(model).forward.fn, StagedForward)
+def test_segmenter_for_model_runs_the_staged_parts(tiny_variables):
+  """On the CPU (backend policy staged_inference) whole-mode evaluation compiles the parts, one
+  program per kind and shape, not the network as one program."""
+  model = segnext("t", **TINY, dw_impl="lax")
+  img = (np.random.default_rng(3).random((70, 90, 3)) * 255).astype(np.uint8)
+  with xla_programs() as built:
+    scores = Segmenter.for_model(model, InferenceConfig(scale=(128, 64))).scores(tiny_variables, img)
+  assert scores.shape == (70, 90, 150)
+  assert parts_built(built) == {"StemConv": 1, "OverlapPatchEmbed": 3, "MSCABlock": 4,
+                                "LayerNorm": 4, "LightHamHead": 1}
