@@ -78,7 +78,8 @@ def segnext(variant: str = "t", **overrides: Any) -> SegNeXt:
 
 
 def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] = (64, 64)) -> dict:
-  """Random `{'params', 'batch_stats'}` for `model` (shapes do not depend on image_size)."""
+  """Random `{'params', 'batch_stats', 'nmf_bases'}` for `model` (shapes do not depend on
+  image_size; 'nmf_bases' are the fixed inference bases drawn from `key`)."""
   k1, k2 = jax.random.split(key)
   x = jnp.zeros((1, *image_size, 3), jnp.float32)
   fast = model.clone(dw_impl="lax", remat=False)  # same variables; compiles several times faster

@@ -208,8 +208,9 @@ class MSCABlock(nn.Module):
 class MSCAN(nn.Module):
   """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC; with `pad`
   (padded inference, padding.py) they are exact inside each image's valid region. In inference
-  every block has drop path 0 (DropPath is the identity there): a stage's blocks are then one
-  module definition, one program of StagedForward."""
+  every block has drop path 0 (DropPath is the identity there), no remat and no gradient
+  boundary (both act on the backward only): a stage's blocks are one module definition, one
+  program of StagedForward."""
   embed_dims: Sequence[int] = (32, 64, 160, 256)
   depths: Sequence[int] = (3, 3, 5, 2)
   mlp_ratios: Sequence[float] = (8, 8, 4, 4)
@@ -221,7 +222,7 @@ class MSCAN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, pad: Padding = NO_PADDING) -> list[jax.Array]:
     rates = np.linspace(0.0, self.drop_path if train else 0.0, sum(self.depths)).tolist()
-    block_cls = nn.remat(MSCABlock, static_argnums=(2,)) if self.remat else MSCABlock
+    block_cls = nn.remat(MSCABlock, static_argnums=(2,)) if self.remat and train else MSCABlock
     outs, cur = [], 0
     boundary = gradient_boundary if train and backend.policy().gradient_boundary else (lambda t: t)
     x = x.astype(self.dtype)
