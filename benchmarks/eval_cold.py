@@ -114,10 +114,14 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
   return seconds, out.stdout
 
 
-def ours(ckpt: Path, data: Path, mode: str, cache: Path) -> tuple[float, float]:
+def eval_flags(ckpt: Path, data: Path, mode: str, cache: Path, extra: list[str]) -> list[str]:
+  return [str(ckpt), f"--data=ade20k:{data}", f"--compile-cache={cache}",
+          *(["--tta"] if mode == "tta" else []), *extra]
+
+
+def ours(ckpt: Path, data: Path, mode: str, cache: Path, extra: list[str]) -> tuple[float, float]:
   """(seconds, mIoU) of one cold eval.py process."""
-  cmd = [sys.executable, str(ROOT / "eval.py"), str(ckpt), f"--data=ade20k:{data}",
-         f"--compile-cache={cache}", *(["--tta"] if mode == "tta" else [])]
+  cmd = [sys.executable, str(ROOT / "eval.py"), *eval_flags(ckpt, data, mode, cache, extra)]
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
   seconds, out = timed(cmd, env)
   return seconds, float(re.search(r"mIoU ([\d.]+)", out).group(1))
@@ -130,7 +134,7 @@ def theirs(pth: Path, data: Path, mode: str, work_dir: Path) -> tuple[float, flo
   return seconds, json.loads(out.strip().splitlines()[-1])["mIoU"]
 
 
-def profile(ckpt: Path, data: Path, mode: str, cache: Path) -> None:
+def profile(ckpt: Path, data: Path, mode: str, cache: Path, extra: list[str]) -> None:
   """Our eval in this process: wall time, and XLA compile seconds per jitted function."""
   import jax
   from jax import monitoring
@@ -144,8 +148,7 @@ def profile(ckpt: Path, data: Path, mode: str, cache: Path) -> None:
   sys.path.insert(0, str(ROOT))
   import eval as eval_script
   t = time.perf_counter()
-  eval_script.main([str(ckpt), f"--data=ade20k:{data}", f"--compile-cache={cache}",
-                    *(["--tta"] if mode == "tta" else [])])
+  eval_script.main(eval_flags(ckpt, data, mode, cache, extra))
   wall = time.perf_counter() - t
   total = sum(map(sum, compiles.values()))
   print(f"\n{mode}: wall {wall:.1f} s (after imports), XLA compile {total:.1f} s in "
@@ -161,6 +164,8 @@ def main() -> None:
   p.add_argument("--modes", nargs="+", default=["whole", "tta"], choices=["whole", "tta"])
   p.add_argument("--sides", nargs="+", default=["ours", "mmseg"], choices=["ours", "mmseg"])
   p.add_argument("--profile", action="store_true", help="profile our eval in this process instead")
+  p.add_argument("--eval-flags", nargs="*", default=[], metavar="FLAG",
+                 help="more eval.py flags, e.g. --eval-flags=--buckets-per-octave=4")
   p.add_argument("--mmseg-side", action="store_true", help=argparse.SUPPRESS)
   for hidden in ("--mode", "--data", "--pth", "--work-dir"):
     p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -174,11 +179,11 @@ def main() -> None:
     pth, ckpt = write_checkpoint(tmp)
     for mode in args.modes:
       if args.profile:
-        profile(ckpt, tmp / "ade", mode, tmp / f"cache-profile-{mode}")
+        profile(ckpt, tmp / "ade", mode, tmp / f"cache-profile-{mode}", args.eval_flags)
         continue
       for side in args.sides:
         if side == "ours":
-          s, miou = ours(ckpt, tmp / "ade", mode, tmp / f"cache-{mode}")
+          s, miou = ours(ckpt, tmp / "ade", mode, tmp / f"cache-{mode}", args.eval_flags)
         else:
           s, miou = theirs(pth, tmp / "ade", mode, tmp / f"work-{mode}")
         rows.append((mode, side, s, miou))

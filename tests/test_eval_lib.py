@@ -6,9 +6,9 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax import monitoring
 import pytest
 import torch
+from jax import monitoring
 
 from conftest import TINY
 from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
@@ -16,6 +16,7 @@ from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
 from segnext_jax.eval import (CompiledForward, InferenceConfig, Segmenter, View, confusion_matrix,
                               evaluate, metrics_from_confusion, prepare, to_original)
+from segnext_jax.eval.views import ceil_to
 
 
 def test_metrics_hand_made():
@@ -221,15 +222,18 @@ def xla_compiles():
 
 def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
   """After one evaluation, images of sizes never seen compile nothing, whole and TTA: views run
-  on the config's canvases, the resize to the original size in fixed tiles (images of 50-390 px:
-  original sizes in 4 blocks of 128 px, which the old per-size resize compiled for)."""
+  on the config's canvases, the resize to the original size in fixed tiles (images of 64-600 px:
+  original sizes in several blocks of 128 px, which the old per-size resize compiled for)."""
   _, variables = six_class_model(tiny_variables)
   model = segnext("t", **TINY, num_classes=6, dw_impl="lax")  # any impl; lax compiles fastest
-  first = [(64, 64), (60, 90), (70, 50), (96, 64), (200, 140), (300, 450)]
-  more = [(61, 91), (72, 100), (50, 75), (90, 66), (80, 80), (150, 200), (260, 390), (390, 270)]
-  whole = InferenceConfig(scale=(128, 64), batch_size=2)
+  # views of 128 x 192/256 px; then 128 x 160/224 px, new /32 shapes in the same canvases
+  first = [(64, 96), (64, 128), (96, 64), (128, 64), (200, 300), (300, 600)]
+  more = [(64, 80), (64, 112), (80, 64), (112, 64), (150, 170), (260, 300), (390, 330), (450, 270)]
+  whole = InferenceConfig(scale=(256, 128), batch_size=2)
   canvases = lambda sizes: {whole.canvas(v.shape) for s in sizes for v in whole.views(s)}
-  assert canvases(more) == canvases(first) == {(64, 64), (64, 96), (96, 64)}
+  assert canvases(more) == canvases(first) == {(128, 192), (128, 256), (192, 128), (256, 128)}
+  shapes = lambda sizes: {ceil_to(v.shape, 32) for s in sizes for v in whole.views(s)}
+  assert not shapes(more) & shapes(first)
   seg = Segmenter.for_model(model, whole)
   with xla_compiles() as built:
     evaluate(seg, variables, Sized(first), progress=False)
