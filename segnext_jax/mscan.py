@@ -201,7 +201,8 @@ class MSCABlock(nn.Module):
     dw = functools.partial(DepthwiseConv, impl=self.impl, dtype=self.dtype, pad=pad)
     y = MSCASpatialAttention(dw, self.dtype, name="attn")(BatchNorm(name="norm1")(x, train=train))
     x = x + DropPath(self.drop_path)(ls1.astype(y.dtype) * y, train=train)
-    y = Mlp(int(c * self.mlp_ratio), dw, self.dtype, name="mlp")(BatchNorm(name="norm2")(x, train=train))
+    y = BatchNorm(name="norm2")(x, train=train)
+    y = Mlp(int(c * self.mlp_ratio), dw, self.dtype, name="mlp")(y)
     return x + DropPath(self.drop_path)(ls2.astype(y.dtype) * y, train=train)
 
 

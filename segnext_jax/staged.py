@@ -13,8 +13,9 @@ Nothing here restates the network: a layer added to the backbone or the head is 
 is. Why this way: the forward's walk (per stage: embed, blocks, norm; then the head on stages
 2-4) is written once, in the modules' `__call__`, and runs unchanged. A parts list, or `setup`
 attributes bound and unbound here, would need that walk a second time, here or in a runner the
-model's code is rewritten around. The cost is Python: the module tree is built per call, about
-a millisecond per part on the CPU (T: ~20 parts), next to hundreds of milliseconds of compute.
+model's code is rewritten around. The cost is Python: flax builds the module tree per call,
+measured 4.5 ms more per T forward than a hand-written walk (0.2 ms per part) on the CPU, next
+to ~130 ms of compute per 512x512 image.
 
 `StagedForward(model)(variables, images, valid)` runs it; `.lower(...).compile()` compiles every
 part ahead (abstract arguments), as `jax.jit(f).lower(...).compile()` does for one program.
@@ -54,7 +55,8 @@ class StagedForward:
     self._programs: dict[tuple, Callable] = {}
     self._lock = threading.Lock()  # evaluation lowers in background threads while it runs
 
-  def __call__(self, variables: dict, images: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+  def __call__(self, variables: dict, images: jax.Array,
+               valid: jax.Array | None = None) -> jax.Array:
     with nn.intercept_methods(self._interceptor(lambda program, v, arrays: program(v, arrays))):
       return self.model.apply(variables, images, train=False, valid=valid)
 

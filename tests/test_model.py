@@ -145,7 +145,7 @@ def test_remat_in_training_same_loss_and_gradients(tiny):
       return jnp.mean(y ** 2)
     return jax.value_and_grad(loss)
 
-  remat = lambda m: "remat2" in primitives(jax.make_jaxpr(step(m))(v["params"]).jaxpr)  # jax.checkpoint
+  remat = lambda m: "remat2" in primitives(jax.make_jaxpr(step(m))(v["params"]).jaxpr)  # checkpoint
   assert remat(model.clone(remat=True)) and not remat(model)
   (l0, g0), (l1, g1) = (jax.jit(step(m))(v["params"]) for m in (model, model.clone(remat=True)))
   np.testing.assert_allclose(l1, l0, rtol=1e-6)

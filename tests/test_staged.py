@@ -21,7 +21,7 @@ PARTS = ("StemConv", "OverlapPatchEmbed", "MSCABlock", "LayerNorm", "LightHamHea
 
 @contextlib.contextmanager
 def xla_programs():
-  """The names of the XLA programs built inside the block (compiled or loaded from the disk cache)."""
+  """The names of the XLA programs built inside the block (compiled, or loaded from disk)."""
   names = []
   def listen(event, seconds, **kw):
     if event == "/jax/core/compile/backend_compile_duration":
@@ -79,7 +79,8 @@ def test_segmenter_for_model_runs_the_staged_parts(tiny_variables):
   model = segnext("t", **TINY, dw_impl="lax")
   img = (np.random.default_rng(3).random((70, 90, 3)) * 255).astype(np.uint8)
   with xla_programs() as built:
-    scores = Segmenter.for_model(model, InferenceConfig(scale=(128, 64))).scores(tiny_variables, img)
+    segmenter = Segmenter.for_model(model, InferenceConfig(scale=(128, 64)))
+    scores = segmenter.scores(tiny_variables, img)
   assert scores.shape == (70, 90, 150)
   assert parts_built(built) == {"StemConv": 1, "OverlapPatchEmbed": 3, "MSCABlock": 4,
                                 "LayerNorm": 4, "LightHamHead": 1}
