@@ -37,7 +37,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                help="slide window; default as --mode's (ADE20K: 512 512)")
   cli.add_flag(parser, "stride", type=int, nargs=2, default=None, metavar=("H", "W"),
                help="slide stride; default as --mode's (ADE20K: 341 341)")
-  cli.add_flag(parser, "buckets-per-octave", type=int, default=4,
+  cli.add_flag(parser, "buckets-per-octave", type=int, default=InferenceConfig.buckets_per_octave,
                help="whole mode: views run zero-padded to this many sizes per octave (exact: the "
                "model masks the padding), so images of many sizes share a few compiled programs; "
                "0 = each view at its own /32 shape")
