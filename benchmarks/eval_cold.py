@@ -87,7 +87,8 @@ def write_checkpoint(tmp: Path) -> tuple[Path, Path]:
   register_all_modules()
   torch.manual_seed(0)
   model = MODELS.build(cfg.model)
-  logging.getLogger("mmengine").setLevel(logging.ERROR)  # init_weights logs every tensor
+  from mmengine.logging import MMLogger
+  MMLogger.get_current_instance().setLevel(logging.ERROR)  # init_weights logs every tensor
   model.init_weights()
   pth = tmp / "segnext_t_random.pth"
   torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": model.state_dict()}, pth)

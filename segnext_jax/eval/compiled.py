@@ -16,7 +16,6 @@ import threading
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from segnext_jax import padding
@@ -82,6 +81,9 @@ class CompiledForward:
     b, h, w = key
     if self.notify is not None:
       self.notify(f"compiling the forward for {h}x{w} views, batch {b}")
-    images = jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
-    # jit(f).lower().compile() fills the caches that the later jit(f)(...) call reads.
-    self.fn.lower(variables, images, jax.ShapeDtypeStruct((b, 2), jnp.int32)).compile()
+    # Compiled by running once on zeros, not by fn.lower(abstract args).compile(): the call path
+    # itself, so later calls find the programs whatever the variables' placement (StagedForward
+    # lowers its parts for unplaced arguments; with committed variables, as checkpoint.load
+    # gives, every part then compiled a second time at the first real call: 2x the compile).
+    images = np.zeros((b, h, w, 3), np.float32)
+    jax.block_until_ready(self.fn(variables, images, np.full((b, 2), (h, w), np.int32)))
