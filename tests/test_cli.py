@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -16,13 +15,6 @@ from segnext_jax.checkpoint import load_checkpoint
 from segnext_jax.data.datasets import Synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-  spec = importlib.util.spec_from_file_location(f"segnext_cli_{name}", REPO / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +37,7 @@ def test_train_eval_predict_roundtrip(capsys, workdir, tmp_path):
   model, variables = load_checkpoint(workdir)
   assert model.num_classes == 6 and "conv_seg" in variables["params"]["decode_head"]
 
-  ev = load_script("eval")
+  ev = command("eval")
   results = []
   for i in range(2):
     js = tmp_path / f"r{i}.json"
@@ -57,7 +49,7 @@ def test_train_eval_predict_roundtrip(capsys, workdir, tmp_path):
   assert results[0]["images"] == 5 and set(results[0]["per_class"]) == set(Synthetic.class_names)
   assert ev.main([str(tmp_path / "nothing")]) == 2
 
-  pr = load_script("predict")
+  pr = command("predict")
   imgs = tmp_path / "imgs"
   imgs.mkdir()
   cv2.imwrite(str(imgs / "scene.png"), Synthetic(size=96)[0][0][..., ::-1])

@@ -17,7 +17,6 @@ from conftest import TINY, command
 from segnext_jax.mmseg_reference import stub_mmcv_ops
 from segnext_jax.data.datasets import DataError, MissingDataError, check, make_dataset
 from segnext_jax.recipes import RECIPES, kind_of
-from test_cli import load_script
 
 # per kind: mmseg 1.x's _base_/datasets config
 KINDS = {"voc": "pascal_voc12_aug.py", "pascal_context": "pascal_context_59.py",
@@ -306,7 +305,7 @@ def test_train_then_eval_per_class_iou_under_the_class_names(tmp_path, kind):
         f"--data={spec}", f"--model-overrides={json.dumps(TINY)}", "--steps=2", "--batch-size=2",
         "--crop-size=32", "--resize-scale", "64", "32", "--eval-every=2", "--warmup-steps=1",
         "--workers=0", "--log-every=1", f"--workdir={wd}"]) == 0
-    assert load_script("eval").main([str(wd), "--data", spec, "--out", str(out)]) == 0
+    assert command("eval").main([str(wd), "--data", spec, "--out", str(out)]) == 0
   assert "final (step 2): val mIoU" in log.getvalue()
   saved = json.loads((wd / "config.json").read_text())
   assert saved["data"] == spec  # the kind's preset (eval window), then the flags

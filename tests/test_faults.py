@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from conftest import TINY, command
-from test_cli import load_script
 from segnext_jax import checkpoint, cli, faults, metric_writer, train_lib
 from segnext_jax.config import PRESETS, make_config
 from segnext_jax.data.datasets import Synthetic
@@ -350,7 +349,7 @@ def test_unwritable_workdir_is_one_line(tmp_path, capsys):
 # (7) eval.py, predict.py, convert/from_torch.py
 
 def test_eval_names_what_a_bad_checkpoint_path_is(straight, tmp_path, capsys):
-  ev = load_script("eval")
+  ev = command("eval")
   jpg = tmp_path / "photo.jpg"
   cv2.imwrite(str(jpg), np.zeros((8, 8, 3), np.uint8))
   pth = tmp_path / "model.pth"
@@ -369,7 +368,7 @@ def test_eval_names_what_a_bad_checkpoint_path_is(straight, tmp_path, capsys):
 
 
 def test_eval_takes_a_step_and_names_an_unreadable_one(straight, tmp_path, capsys):
-  ev = load_script("eval")
+  ev = command("eval")
   wd = copy_run(straight[0], tmp_path / "run", keep=(30, 60))
   outs = []
   for args in ([str(wd), "--step=30"], [str(wd / "checkpoints" / "30")], [str(wd)]):
@@ -387,7 +386,7 @@ def test_eval_takes_a_step_and_names_an_unreadable_one(straight, tmp_path, capsy
 
 def test_eval_refuses_a_truncated_image_before_the_model_loads(straight, tmp_path, capsys,
                                                                monkeypatch):
-  from segnext_jax import inference_cli
+  from segnext_jax.cli import inference_flags as inference_cli
   root = tmp_path / "data"
   for d in ("images", "annotations"):
     (root / d / "validation").mkdir(parents=True)
@@ -397,14 +396,14 @@ def test_eval_refuses_a_truncated_image_before_the_model_loads(straight, tmp_pat
     (root / "images" / "validation" / f"{name}.jpg").write_bytes(data)
     cv2.imwrite(str(root / "annotations" / "validation" / f"{name}.png"), label.astype(np.uint8))
   monkeypatch.setattr(inference_cli, "load", lambda *a, **k: pytest.fail("model loaded"))
-  assert load_script("eval").main([str(straight[0]), f"--data=ade20k:{root}"]) == 2
+  assert command("eval").main([str(straight[0]), f"--data=ade20k:{root}"]) == 2
   one_error_line(capsys.readouterr().err, "b.jpg")
 
 
 def test_predict_checks_inputs_before_the_model_and_writes_nothing(straight, tmp_path, capsys,
                                                                    monkeypatch):
-  from segnext_jax import inference_cli
-  pr = load_script("predict")
+  from segnext_jax.cli import inference_flags as inference_cli
+  pr = command("predict")
   imgs, empty = tmp_path / "imgs", tmp_path / "empty"
   imgs.mkdir(), empty.mkdir()
   good = cv2.imencode(".jpg", Synthetic(size=64)[0][0][..., ::-1])[1].tobytes()

@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image
 
 from conftest import command
-from test_cli import load_script
 from test_parity import convert_cli
 from segnext_jax.data.synthetic import write_folder
 
@@ -36,10 +35,10 @@ def test_convert_finetune_eval_predict(torch_ref_t, tmp_path, caplog, capsys):
   assert meta["palette"][1] == [220, 40, 40]
 
   out_json = tmp_path / "r.json"
-  assert load_script("eval").main([str(wd), "--out", str(out_json)]) == 0
+  assert command("eval").main([str(wd), "--out", str(out_json)]) == 0
   assert set(json.loads(out_json.read_text())["per_class"]) == {"background", "disc", "box"}
   img = data / "img_dir" / "val" / "scene_00000.jpg"
-  assert load_script("predict").main([str(wd), str(img), "-o", str(tmp_path / "pred")]) == 0
+  assert command("predict").main([str(wd), str(img), "-o", str(tmp_path / "pred")]) == 0
   classes = np.asarray(Image.open(tmp_path / "pred" / "scene_00000_classes.png"))
   mask = np.asarray(Image.open(tmp_path / "pred" / "scene_00000_mask.png").convert("RGB"))
   assert classes.shape == (64, 64) and classes.max() < 3

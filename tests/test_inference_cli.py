@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from mmseg_eval import ADE_VAL3
-from conftest import TINY
-from test_cli import load_script
+from conftest import TINY, command
 from segnext_jax import init_variables, segnext
 from segnext_jax.checkpoint import save_converted
 
@@ -35,7 +34,7 @@ def small_checkpoint(tmp_path_factory) -> Path:
 
 
 def predict_maps(ckpt: Path, images: list[Path], out: Path, *flags: str) -> dict[str, np.ndarray]:
-  code = load_script("predict").main([str(ckpt), *map(str, images), "-o", str(out),
+  code = command("predict").main([str(ckpt), *map(str, images), "-o", str(out),
                                       "--compile-cache=", *flags])
   assert code == 0
   return {p.stem: cv2.imread(str(out / f"{p.stem}_classes.png"), cv2.IMREAD_UNCHANGED)
@@ -61,7 +60,7 @@ def test_predict_nmf_seed_draws_other_bases(small_checkpoint, tmp_path, capsys):
 
 
 def test_eval_reports_bases_and_ignores_batch_size(small_checkpoint, tmp_path, capsys):
-  ev = load_script("eval")
+  ev = command("eval")
   results = []
   for i, batch in enumerate((1, 3)):
     out = tmp_path / f"r{i}.json"

@@ -13,8 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from conftest import TINY, cache_env
-from test_cli import load_script
+from conftest import TINY, cache_env, command
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
@@ -34,7 +33,7 @@ def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.Compl
 def _main(script: str, *args) -> None:
   """One CLI run in this process (1 device, the session's compile cache)."""
   assert jax.device_count() == 1
-  assert load_script(script).main([str(a) for a in args]) == 0
+  assert command(script).main([str(a) for a in args]) == 0
 
 
 def test_two_devices_to_one_and_back(tmp_path, compilation_cache, caplog):
