@@ -1,6 +1,7 @@
 """Shared fixtures: the mmseg 1.x torch reference and random mmseg-layout checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from types import ModuleType
@@ -31,6 +32,25 @@ def command(name: str) -> ModuleType:
   """A command's module, segnext_jax.cli.NAME (train, eval, predict, export, from_torch, to_torch):
   what the top-level script and the segnext-* entry point run."""
   return importlib.import_module(f"segnext_jax.cli.{name}")
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's, once per XLA program built
+
+
+@contextlib.contextmanager
+def xla_programs():
+  """The names of the XLA programs built inside the block (compiled, or loaded from the disk
+  cache; every jit and eager op, any thread)."""
+  import jax
+  names = []
+  def listen(event, seconds, **kw):
+    if event == COMPILE_EVENT:
+      names.append(kw.get("fun_name"))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.fixture(scope="session")

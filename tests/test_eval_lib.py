@@ -1,16 +1,14 @@
 """Evaluation: metrics vs mmseg's IoUMetric, the test pipeline vs mmseg's EncoderDecoder, modes."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
 import torch
-from jax import monitoring
 
-from conftest import TINY
+from conftest import TINY, xla_programs
 from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
@@ -206,20 +204,6 @@ class Sized(VariedSizes):
     self.sizes = sizes
 
 
-@contextlib.contextmanager
-def xla_compiles():
-  """The names of the XLA programs built inside the block (every jit and eager op, any thread)."""
-  names = []
-  def listen(event, seconds, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      names.append(kw.get("fun_name"))
-  monitoring.register_event_duration_secs_listener(listen)
-  try:
-    yield names
-  finally:
-    monitoring.unregister_event_duration_listener(listen)
-
-
 def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
   """After one evaluation, images of sizes never seen compile nothing, whole and TTA: views run
   on the config's canvases, the resize to the original size in fixed tiles (images of 64-600 px:
@@ -235,10 +219,10 @@ def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
   shapes = lambda sizes: {ceil_to(v.shape, 32) for s in sizes for v in whole.views(s)}
   assert not shapes(more) & shapes(first)
   seg = Segmenter.for_model(model, whole)
-  with xla_compiles() as built:
+  with xla_programs() as built:
     evaluate(seg, variables, Sized(first), progress=False)
   assert len(built) >= 3  # this counter sees the programs: one forward per canvas at least
-  with xla_compiles() as built:
+  with xla_programs() as built:
     r = evaluate(seg, variables, Sized(more), progress=False)
   assert built == [] and r["images"] == len(more)
 
@@ -248,6 +232,6 @@ def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
   assert canvases(more) <= canvases(first) and len(canvases(first)) == 5
   seg = Segmenter.for_model(model, tta)
   evaluate(seg, variables, Sized(first), progress=False)
-  with xla_compiles() as built:
+  with xla_programs() as built:
     evaluate(seg, variables, Sized(more), progress=False)
   assert built == []

@@ -4,33 +4,18 @@ Segmenter.for_model runs in whole mode."""
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import TINY
+from conftest import TINY, xla_programs
 from segnext_jax import segnext
 from segnext_jax.eval import InferenceConfig, Segmenter
 from segnext_jax.model import fixed_bases, init_variables
 from segnext_jax.staged import StagedForward
 
 PARTS = ("StemConv", "OverlapPatchEmbed", "MSCABlock", "LayerNorm", "LightHamHead")
-
-
-@contextlib.contextmanager
-def xla_programs():
-  """The names of the XLA programs built inside the block (compiled, or loaded from disk)."""
-  names = []
-  def listen(event, seconds, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      names.append(kw.get("fun_name"))
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def parts_built(names: list[str]) -> collections.Counter:
