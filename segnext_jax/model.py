@@ -96,4 +96,5 @@ def fixed_bases(model: SegNeXt, seed: int) -> dict:
 def abstract_variables(model: SegNeXt) -> dict:
   """Shapes/dtypes of the model's variables without computing anything (jax.eval_shape)."""
   key = jax.random.key(0)
-  return dict(jax.eval_shape(lambda: model.init({"params": key, "nmf": key}, jnp.zeros((1, 64, 64, 3)))))
+  fast = model.clone(dw_impl="lax", remat=False)  # same variables, traced 2.5x faster
+  return dict(jax.eval_shape(lambda: fast.init({"params": key, "nmf": key}, jnp.zeros((1, 64, 64, 3)))))
