@@ -57,17 +57,21 @@ class StagedForward:
 
   def __call__(self, variables: dict, images: jax.Array,
                valid: jax.Array | None = None) -> jax.Array:
+    sharding = _committed_sharding(variables)
+    if sharding is not None:  # every part's arguments committed there, as `lower` assumes
+      images, valid = jax.device_put((images, valid), sharding)
     with nn.intercept_methods(self._interceptor(lambda program, v, arrays: program(v, arrays))):
       return self.model.apply(variables, images, train=False, valid=valid)
 
   def lower(self, variables: dict, images: jax.ShapeDtypeStruct, valid: Any = None) -> Lowered:
     """Every part lowered for abstract inputs (each distinct program once)."""
     done: dict[tuple, Any] = {}
+    sharding = _committed_sharding(variables)
 
     def run(program, v, arrays):
       key = (program, str(jax.tree.map(lambda a: (a.shape, a.dtype), (v, arrays))))
       if key not in done:
-        done[key] = program.lower(*jax.tree.map(_abstract, (v, arrays)))
+        done[key] = program.lower(*jax.tree.map(lambda a: _abstract(a, sharding), (v, arrays)))
       return program(v, arrays)  # under eval_shape: abstract outputs for the next part
 
     forward = lambda v, x, val: self.model.apply(v, x, train=False, valid=val)
@@ -108,5 +112,15 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _abstract(x: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+def _abstract(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _committed_sharding(variables: dict) -> Any:
+  """The one sharding of `variables` if they are committed arrays (checkpoint.load's): a call
+  with them commits every part's arguments there, so the parts are lowered for it."""
+  leaves = [x for x in jax.tree.leaves(variables) if isinstance(x, jax.Array)]
+  if not leaves or not all(x.committed for x in leaves):
+    return None
+  shardings = {x.sharding for x in leaves}
+  return shardings.pop() if len(shardings) == 1 else None

@@ -81,9 +81,7 @@ class CompiledForward:
     b, h, w = key
     if self.notify is not None:
       self.notify(f"compiling the forward for {h}x{w} views, batch {b}")
-    # Compiled by running once on zeros, not by fn.lower(abstract args).compile(): the call path
-    # itself, so later calls find the programs whatever the variables' placement (StagedForward
-    # lowers its parts for unplaced arguments; with committed variables, as checkpoint.load
-    # gives, every part then compiled a second time at the first real call: 2x the compile).
-    images = np.zeros((b, h, w, 3), np.float32)
-    jax.block_until_ready(self.fn(variables, images, np.full((b, 2), (h, w), np.int32)))
+    # Lowered for abstract inputs and compiled, nothing run: later calls with these variables
+    # find the programs (StagedForward lowers its parts where committed variables put them).
+    images = jax.ShapeDtypeStruct((b, h, w, 3), np.float32)
+    self.fn.lower(variables, images, jax.ShapeDtypeStruct((b, 2), np.int32)).compile()
