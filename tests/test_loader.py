@@ -176,6 +176,27 @@ def test_worker_processes_give_the_in_process_batches_and_shards_partition():
       assert np.array_equal(np.concatenate([p0[key], p1[key]]), w[key]), (s, key)
 
 
+def test_worker_batches_are_used_in_shared_memory_and_freed_with_them():
+  """The trainer takes a worker's batch where grain put it (no copy) and its shared memory goes
+  when the last reference does: nothing is left in /dev/shm after the batches and the loader."""
+  import gc
+  shm = lambda: {p.name for p in Path("/dev/shm").iterdir()}
+  before = shm()
+  ds = make_dataset(f"ade20k:{ADE}", "val")
+  batches = _take(TrainLoader(ds, PIPE, 4, 3, workers=1), 3)
+  assert all(type(b["image"]).__name__ == "SharedMemoryArray" for _, b in batches)
+  assert len(shm() - before) >= 3  # at least each held batch's image
+  reference = _take(TrainLoader(ds, PIPE, 4, 3, workers=0), 3)
+  for (s, b), (r, ref) in zip(batches, reference):
+    assert s == r and all(np.array_equal(b[k], ref[k]) for k in ref)
+  del batches, b
+  gc.collect()
+  deadline = time.monotonic() + 10  # grain unlinks in a background thread
+  while shm() - before and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not shm() - before
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_bad_image_mid_run_is_the_one_line_data_error(tmp_path, capfd, workers):
   """An image that breaks after the pre-training check (truncated): the batches before it come,

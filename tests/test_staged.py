@@ -8,6 +8,7 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import TINY, xla_programs
 from segnext_jax import segnext
@@ -37,7 +38,8 @@ def test_staged_equals_model_apply_with_and_without_padding(tiny_variables):
 
 def test_each_distinct_part_lowered_once_and_compiling_ahead_leaves_the_call_nothing():
   """Whatever the depths, one program per stage's blocks; after lower(...).compile() the call
-  at those shapes builds no program (what Segmenter's background warm-up relies on)."""
+  at those shapes builds no program (what Segmenter's background warm-up relies on; committed
+  variables: the next test)."""
   model = segnext("t", depths=(2, 1, 4, 2), embed_dims=(16, 32, 64, 64), head_channels=64,
                   dw_impl="lax")
   variables = {**init_variables(model, jax.random.key(1)), **fixed_bases(model, 0)}
@@ -69,3 +71,36 @@ def test_segmenter_for_model_runs_the_staged_parts(tiny_variables):
   assert scores.shape == (70, 90, 150)
   assert parts_built(built) == {"StemConv": 1, "OverlapPatchEmbed": 3, "MSCABlock": 4,
                                 "LayerNorm": 4, "LightHamHead": 1}
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "jit"])
+def test_compiled_forward_warms_without_running_and_the_call_builds_nothing(staged):
+  """CompiledForward.warm compiles a canvas from abstract inputs (no forward is run); the call
+  then finds every program, with committed variables (checkpoint.load's)."""
+  from segnext_jax.eval.compiled import CompiledForward
+  from segnext_jax.eval.scores import model_apply
+  model = segnext("t", depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), head_channels=64,
+                  dw_impl="lax")
+  variables = jax.device_put({**init_variables(model, jax.random.key(1)), **fixed_bases(model, 0)},
+                             jax.devices()[0])
+  inner = StagedForward(model) if staged else jax.jit(model_apply(model))
+  runs = []
+
+  class Counted:  # the forward, counting calls; lower() passes through
+    def __call__(self, *args):
+      runs.append(1)
+      return inner(*args)
+
+    def lower(self, *args):
+      return inner.lower(*args)
+
+  forward = CompiledForward(Counted(), InferenceConfig(batch_size=2))
+  with xla_programs() as built:
+    forward.warm(variables, (2, 64, 96)).result()
+  assert runs == [] and len(built) == (13 if staged else 1)
+  x = np.random.default_rng(0).standard_normal((64, 96, 3)).astype(np.float32)
+  with xla_programs() as built:
+    got = forward(variables, [x], np.array([[64, 96]], np.int32), batch=2)
+  assert built == [] and runs == [1]
+  ref = model.apply(variables, x[None], valid=np.array([[64, 96]], np.int32))
+  np.testing.assert_allclose(np.asarray(got[:1]), np.asarray(ref), atol=2e-6, rtol=0)
