@@ -10,8 +10,8 @@ element i is already named by its step (no sampler, no grain-drawn seed wanted),
 hands element i to worker i % workers and reads them back round-robin, so the batches do not
 depend on the worker count. An element is a process's whole batch of one step: a worker stacks
 it, grain passes it through shared memory, and the training process uses it there (grain's
-SharedMemoryArray, unlinked when the last reference goes): no per-image copy in the trainer. Workers are processes
-(no GIL between cv2 calls), so `workers` of them scale with cores.
+SharedMemoryArray, unlinked when the last reference goes): no per-image copy in the trainer.
+Workers are processes (no GIL between cv2 calls), so `workers` of them scale with cores.
 """
 from __future__ import annotations
 
