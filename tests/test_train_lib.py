@@ -142,7 +142,7 @@ print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=f
 
 
 def _run_step(devices: int, out: Path) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
   res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests")), str(out)],
                        capture_output=True, text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-2000:]
