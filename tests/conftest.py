@@ -92,7 +92,8 @@ CACHE_MAX_BYTES = 4 << 30  # a size limit turns on JAX's file lock: both xdist w
 
 def cache_env(path: str | os.PathLike) -> dict:
   """The environment that gives a subprocess (train.py, eval.py, ...) the compile cache `path`."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}
+  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,5 +108,5 @@ def compilation_cache(tmp_path_factory) -> dict:
   path.mkdir(exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as the commands set it
   return cache_env(path)

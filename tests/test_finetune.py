@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image
 
 from conftest import command
-from test_parity import convert_cli
 from segnext_jax.data.synthetic import write_folder
 
 TRAIN = ["--steps", "2", "--batch-size", "2", "--crop-size", "64", "--resize-scale", "128", "64",
@@ -19,7 +18,7 @@ TRAIN = ["--steps", "2", "--batch-size", "2", "--crop-size", "64", "--resize-sca
 
 def test_convert_finetune_eval_predict(torch_ref_t, tmp_path, caplog, capsys):
   conv = tmp_path / "converted"
-  assert convert_cli(torch_ref_t.path, conv).returncode == 0
+  assert command("from_torch").main([str(torch_ref_t.path), "-o", str(conv)]) == 0  # in-process
   data = write_folder(tmp_path / "fold", train=6, val=3, size=64, classes=(0, 1, 2))
   wd = tmp_path / "ft"
   with caplog.at_level(logging.WARNING):

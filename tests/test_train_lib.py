@@ -141,16 +141,19 @@ print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=f
 """
 
 
-def _run_step(devices: int, out: Path) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+def _run_step(devices: int, out: Path, cache: dict) -> dict:
+  """STEP_SCRIPT on `devices` host devices, with the session's compile cache (`cache`): the init
+  and a 1-device step are served from it; a step over several CPU devices never is (train.py)."""
+  env = dict(os.environ, **cache, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
   res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests")), str(out)],
                        capture_output=True, text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-2000:]
   return {**json.loads(res.stdout.strip().splitlines()[-1]), **np.load(out)}
 
 
-def test_eight_host_devices_match_one(tmp_path):
-  one, eight = _run_step(1, tmp_path / "one.npz"), _run_step(8, tmp_path / "eight.npz")
+def test_eight_host_devices_match_one(tmp_path, compilation_cache):
+  one = _run_step(1, tmp_path / "one.npz", compilation_cache)
+  eight = _run_step(8, tmp_path / "eight.npz", compilation_cache)
   assert (one["devices"], eight["devices"]) == (1, 8)
   assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
   assert eight["gnorm"] == pytest.approx(one["gnorm"], rel=1e-4)
