@@ -102,5 +102,6 @@ def test_compiled_forward_warms_without_running_and_the_call_builds_nothing(stag
   with xla_programs() as built:
     got = forward(variables, [x], np.array([[64, 96]], np.int32), batch=2)
   assert built == [] and runs == [1]
-  ref = model.apply(variables, x[None], valid=np.array([[64, 96]], np.int32))
+  ref = jax.jit(lambda v, x, hw: model.apply(v, x, valid=hw))(variables, x[None],
+                                                                np.array([[64, 96]], np.int32))
   np.testing.assert_allclose(np.asarray(got[:1]), np.asarray(ref), atol=2e-6, rtol=0)

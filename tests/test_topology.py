@@ -51,7 +51,7 @@ def test_two_devices_to_one_and_back(tmp_path, compilation_cache, caplog):
   assert steps_cached(own) == before  # a step over several CPU devices is never cached (train.py)
   model, variables = load_checkpoint(wd)  # this process: 1 device
   x = np.zeros((1, 64, 64, 3), np.float32)
-  assert model.apply(variables, x).shape == (1, 8, 8, 6)
+  assert jax.jit(model.apply)(variables, x).shape == (1, 8, 8, 6)
   _main("eval", wd, "--max-images", "2")
   (tmp_path / "img.png").write_bytes((REPO / "tests/data/ade20k_val3/images/validation/ADE_val_00000003.jpg").read_bytes())
   _main("predict", wd, tmp_path / "img.png", "-o", tmp_path / "pred")

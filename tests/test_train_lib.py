@@ -101,19 +101,19 @@ def test_loss_decreases_on_a_fixed_batch():
 
 
 def test_resume_is_exact(tmp_path):
-  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", steps=12, ckpt_every=6),
+  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", steps=6, ckpt_every=3),
                                 progress=False)
   losses = [l for _, l in straight["history"]["loss"]]
-  cfg_b = _tiny_cfg(tmp_path / "b", steps=12, ckpt_every=6)
-  first = train_and_evaluate(cfg_b, stop_after=6, progress=False)  # "killed" after step 6
-  assert int(first["state"].step) == 6
+  cfg_b = _tiny_cfg(tmp_path / "b", steps=6, ckpt_every=3)
+  first = train_and_evaluate(cfg_b, stop_after=3, progress=False)  # "killed" after step 3
+  assert int(first["state"].step) == 3
   resumed = train_and_evaluate(cfg_b, progress=False)
-  assert int(resumed["state"].step) == 12
-  assert [l for _, l in resumed["history"]["loss"]] == losses[6:]
+  assert int(resumed["state"].step) == 6
+  assert [l for _, l in resumed["history"]["loss"]] == losses[3:]
   for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(resumed["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
-  assert ckpts == ["12", "6"]
+  assert ckpts == ["3", "6"]
 
 
 STEP_SCRIPT = r"""
