@@ -90,6 +90,12 @@ def tiny_variables():
 CACHE_MAX_BYTES = 4 << 30  # a size limit turns on JAX's file lock: both xdist workers write here
 
 
+def host_devices_env(devices: int) -> dict:
+  """XLA_FLAGS for a subprocess on `devices` forced host devices, keeping the suite's flags."""
+  return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                       f"--xla_force_host_platform_device_count={devices}".strip()}
+
+
 def cache_env(path: str | os.PathLike) -> dict:
   """The environment that gives a subprocess (train.py, eval.py, ...) the compile cache `path`."""
   return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from conftest import TINY, cache_env, command
+from conftest import TINY, cache_env, command, host_devices_env
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-size", "64",
@@ -24,7 +24,7 @@ TRAIN = ["--model-overrides", json.dumps(TINY), "--batch-size", "4", "--crop-siz
 
 def _run(cache: dict, script: str, devices: int, *args: str) -> subprocess.CompletedProcess:
   """One CLI run on `devices` host devices, with the session's compile cache (`cache`)."""
-  env = dict(os.environ, **cache, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, **cache, **host_devices_env(devices))
   res = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
                        text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 
 from flax import traverse_util
 
-from conftest import TINY, mmseg_segmentor_modules
+from conftest import TINY, host_devices_env, mmseg_segmentor_modules
 from segnext_jax import convert_map, segnext
 from segnext_jax.config import PRESETS, TrainConfig, make_config
 from segnext_jax.model import abstract_variables
@@ -144,7 +144,7 @@ print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=f
 def _run_step(devices: int, out: Path, cache: dict) -> dict:
   """STEP_SCRIPT on `devices` host devices, with the session's compile cache (`cache`): the init
   and a 1-device step are served from it; a step over several CPU devices never is (train.py)."""
-  env = dict(os.environ, **cache, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, **cache, **host_devices_env(devices))
   res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests")), str(out)],
                        capture_output=True, text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-2000:]
