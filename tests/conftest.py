@@ -149,3 +149,41 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     return
   terminalreporter.write_line(f"machine speed: {SPEED_REFERENCE} {ms:.0f} ms (median of 5; "
                               "docs/testing.md relates test times to it)")
+
+
+COMPILE_LOG = os.environ.get("SEGNEXT_TEST_COMPILE_LOG")  # a directory: where compile time goes
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With SEGNEXT_TEST_COMPILE_LOG=DIR: one JSON line per test (its fixtures included) in
+  DIR/<worker>.jsonl, listing the XLA programs this process built for it (name, seconds; a disk
+  cache hit takes well under a second). Subprocesses' programs are not seen."""
+  if not COMPILE_LOG:
+    yield
+    return
+  import json
+  import time
+  start = time.perf_counter()
+  with xla_programs_timed() as built:
+    yield
+  os.makedirs(COMPILE_LOG, exist_ok=True)
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  with open(os.path.join(COMPILE_LOG, f"{worker}.jsonl"), "a") as f:
+    f.write(json.dumps(dict(test=item.nodeid, seconds=round(time.perf_counter() - start, 1),
+                            programs=built)) + "\n")
+
+
+@contextlib.contextmanager
+def xla_programs_timed():
+  """[name, seconds] of each XLA program of 0.1 s or more built inside the block."""
+  import jax
+  built = []
+  def listen(event, seconds, **kw):
+    if event == COMPILE_EVENT and seconds >= 0.1:  # eager ops' programs left out
+      built.append([kw.get("fun_name"), round(seconds, 2)])
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield built
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
