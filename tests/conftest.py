@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 from types import ModuleType
 
@@ -62,10 +63,11 @@ def xla_programs():
 
 @pytest.fixture(scope="session")
 def t_variables():
-  """Random SegNeXt-T variables (initialised once per session: XLA:CPU compiles init slowly)."""
-  import jax
-  from segnext_jax import init_variables, segnext
-  return init_variables(segnext("t"), jax.random.key(0))
+  """Random SegNeXt-T variables of the right tree and shapes, drawn by numpy (compiling T's init
+  costs ~20 s of XLA:CPU for values no test depends on)."""
+  from export_helpers import random_variables
+  from segnext_jax import segnext
+  return random_variables(segnext("t"))
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +78,15 @@ def torch_ref_t(tmp_path_factory):
 # A tiny SegNeXt (flax _ResNet1 idea): fast to compile, same code paths as T. Passed as
 # segnext("t", **TINY) / TrainConfig(model_overrides=TINY) / --model-overrides JSON.
 TINY = dict(embed_dims=(8, 16, 32, 32), depths=(1, 1, 1, 1), head_channels=32)
+
+
+# One recipe for the tests that train TINY: batch, crop and schedule are constants of the step
+# program, so runs with the same --steps share one compiled step through the session's cache
+# (test_cli and test_topology at 3 and 4 steps, test_train_lib at 4).
+TINY_RUN = dict(model_overrides=TINY, batch_size=2, crop_size=64, resize_scale=(128, 64),
+                warmup_steps=1, workers=0, log_every=1)
+TINY_RUN_FLAGS = ["--model-overrides", json.dumps(TINY), "--batch-size=2", "--crop-size=64",
+                  "--resize-scale", "128", "64", "--warmup-steps=1", "--workers=0", "--log-every=1"]
 
 
 @pytest.fixture(scope="session")

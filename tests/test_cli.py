@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY, command
+from conftest import TINY, TINY_RUN_FLAGS, command
 from segnext_jax.checkpoint import load_checkpoint
 from segnext_jax.data.datasets import Synthetic
 
@@ -24,9 +24,7 @@ def workdir(tmp_path_factory):
   wd = tmp_path_factory.mktemp("cli") / "run"
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    train.main(["--log-every=1", f"--model-overrides={json.dumps(TINY)}", "--steps=3", "--batch_size=2", "--crop_size=64",
-                "--resize_scale", "128", "64", "--eval_every=3", "--eval_images=4", f"--workdir={wd}",
-                "--warmup_steps=1", "--workers=0"])
+    train.main([*TINY_RUN_FLAGS, "--steps=3", "--eval_every=3", "--eval_images=4", f"--workdir={wd}"])
   (wd.parent / "train_stdout.txt").write_text(out.getvalue())
   return wd
 

@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 # One recipe for every run here (steps and lr are constants of the step program): one compile.
 TRAIN_FLAGS = ["--model-overrides", json.dumps(TINY), "--batch-size=2", "--crop-size=64",
                "--resize-scale", "128", "64", "--warmup-steps=1", "--workers=1",
-               "--eval-images=2", "--log-every=1", "--steps=60", "--eval-every=1000"]
+               "--eval-images=2", "--log-every=1", "--steps=20", "--eval-every=1000"]
 
 
 def tiny_cfg(workdir: Path, **kw):
-  base = dict(model_overrides=TINY, steps=60, batch_size=2, crop_size=64, resize_scale=(128, 64),
-              warmup_steps=1, eval_every=1000, eval_images=2, ckpt_every=30, log_every=1, workers=1,
+  base = dict(model_overrides=TINY, steps=20, batch_size=2, crop_size=64, resize_scale=(128, 64),
+              warmup_steps=1, eval_every=1000, eval_images=2, ckpt_every=10, log_every=1, workers=1,
               workdir=str(workdir))
   return make_config(PRESETS["synthetic"], {**base, **kw})
 
@@ -59,7 +59,7 @@ def one_error_line(err: str, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-  """An uninterrupted 60-step run (checkpoints 30 and 60): the reference for every resume."""
+  """An uninterrupted 20-step run (checkpoints 10 and 20): the reference for every resume."""
   wd = tmp_path_factory.mktemp("straight") / "run"
   return wd, train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
 
@@ -76,7 +76,7 @@ def copy_run(src: Path, dst: Path, keep: tuple[int, ...]) -> Path:
 # (1) signals
 
 def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, tmp_path, monkeypatch):
-  """SIGINT at step 4 (checkpoints every 30): step 4 is saved, exit 130; the resumed run ends
+  """SIGINT at step 4 (checkpoints every 10): step 4 is saved, exit 130; the resumed run ends
   bit-identical to the uninterrupted one."""
   wd = tmp_path / "run"
 
@@ -95,7 +95,7 @@ def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, t
   resumed = train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
   assert_same_params(resumed["state"], straight[1]["state"])
   assert [l for _, l in resumed["history"]["loss"]] == [l for _, l in straight[1]["history"]["loss"]][4:]
-  assert [r["step"] for r in metric_writer.read(wd) if r["split"] == "train"] == list(range(1, 61))
+  assert [r["step"] for r in metric_writer.read(wd) if r["split"] == "train"] == list(range(1, 21))
 
 
 def test_second_signal_exits_at_once(monkeypatch, capsys):
@@ -128,14 +128,14 @@ def test_sigterm_to_train_py_saves_and_the_same_command_resumes(tmp_path, compil
   err = log.read_text()
   assert proc.returncode == 143, err[-3000:]
   at = max(r["step"] for r in metric_writer.read(wd))
-  assert 2 <= at < 60
+  assert 2 <= at < 20
   one_error_line(err, f"stopped: SIGTERM after step {at}: saved", f"checkpoints/{at}")
   assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [at]
   res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   assert f"resumed from {wd}/checkpoints at step {at}" in res.stderr
   train = [r for r in metric_writer.read(wd) if r["split"] == "train"]
-  assert [r["step"] for r in train] == list(range(1, 61)) and all("loss" in r for r in train)
+  assert [r["step"] for r in train] == list(range(1, 21)) and all("loss" in r for r in train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,26 +169,26 @@ def test_unfinished_first_save_is_removed_and_pretrained_loads(tmp_path, caplog,
 
 
 def test_unreadable_latest_step_falls_back_naming_it(straight, tmp_path, caplog):
-  wd = copy_run(straight[0], tmp_path / "run", keep=(30, 60))
-  for d in (wd / "checkpoints" / "60" / "opt").rglob("d"):
+  wd = copy_run(straight[0], tmp_path / "run", keep=(10, 20))
+  for d in (wd / "checkpoints" / "20" / "opt").rglob("d"):
     shutil.rmtree(d)  # the optimizer state's data files are gone
   resumed = train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
-  assert re.search(r"checkpoints/60 cannot be read \(.*\); resuming from step 30 instead; the "
-                   r"damaged step is kept as 60\.unreadable", caplog.text), caplog.text
+  assert re.search(r"checkpoints/20 cannot be read \(.*\); resuming from step 10 instead; the "
+                   r"damaged step is kept as 20\.unreadable", caplog.text), caplog.text
   assert_same_params(resumed["state"], straight[1]["state"])
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [30, 60]  # 60 written again
-  assert (wd / "checkpoints" / "60.unreadable").is_dir()
+  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [10, 20]  # 20 written again
+  assert (wd / "checkpoints" / "20.unreadable").is_dir()
 
 
 def test_no_readable_step_stops_naming_the_newest(straight, tmp_path, capsys):
-  wd = copy_run(straight[0], tmp_path / "run", keep=(30, 60))
+  wd = copy_run(straight[0], tmp_path / "run", keep=(10, 20))
   for d in (wd / "checkpoints").rglob("d"):
     shutil.rmtree(d)
-  code = command("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"])
+  code = command("train").main([*TRAIN_FLAGS, "--ckpt-every=10", f"--workdir={wd}"])
   assert code == 2
-  one_error_line(capsys.readouterr().err, "checkpoints/60: cannot be read",
+  one_error_line(capsys.readouterr().err, "checkpoints/20: cannot be read",
                  "no older step could be read either")
-  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["30", "60"]  # nothing renamed
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["10", "20"]  # nothing renamed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,21 +197,20 @@ def test_no_readable_step_stops_naming_the_newest(straight, tmp_path, capsys):
 @pytest.mark.parametrize("log_every, ckpt_every", [(5, 7), (1000, 1000)])
 def test_non_finite_loss_stops_with_the_step_and_never_saves_it(tmp_path, capsys, monkeypatch,
                                                                 log_every, ckpt_every):
-  """A batch with inf pixels at step 7 (as a diverging lr would give; the same step program):
-  caught at step 7 whether or not it is a logging step (the flag is read a step late, no sync),
-  before the save of step 7, one line with the step and a hint, exit 2, nothing non-finite on
-  disk."""
+  """Parameters gone to inf before step 7 (as a diverging lr leaves them; the same compiled step
+  program as every other run here): caught at step 7 whether or not it is a logging step (the
+  flag is read a step late, no sync), before the save of step 7, one line with the step and a
+  hint, exit 2, nothing non-finite on disk."""
   wd = tmp_path / "run"
-  real, normalize = train_lib.shard_batch, train_lib.device_normalize
-  def poisoned(batch, mesh):
-    if batch.get("_step") == 6:  # uint8 pixels cannot be inf: a valid size 0 marks the batch
-      batch = {**batch, "hw": np.zeros_like(batch["hw"])}
-    return real({k: v for k, v in batch.items() if k != "_step"}, mesh)
-  monkeypatch.setattr(train_lib, "device_normalize", lambda image, hw: jnp.where(
-      (hw == 0).all(axis=1)[:, None, None, None], jnp.inf, normalize(image, hw)))
-  counter = iter(range(10**6))
-  monkeypatch.setattr(train_lib, "shard_batch",
-                      lambda batch, mesh: poisoned({**batch, "_step": next(counter)}, mesh))
+  real = train_lib.jit_train_step
+  def poisoned(cfg, mesh):
+    step, calls = real(cfg, mesh), iter(range(10**6))
+    def run(state, batch, key):
+      if next(calls) == 6:
+        state = state.replace(params=jax.tree.map(lambda p: p * jnp.inf, state.params))
+      return step(state, batch, key)
+    return run
+  monkeypatch.setattr(train_lib, "jit_train_step", poisoned)
   code = command("train").main([*TRAIN_FLAGS, f"--log-every={log_every}",
                                     f"--ckpt-every={ckpt_every}", f"--workdir={wd}"])
   assert code == 2
@@ -280,13 +279,13 @@ def test_recipe_refusal_needs_a_complete_checkpoint_and_a_done_run_says_so(strai
   wd = tmp_path / "run"
   (wd / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
   (wd / "config.json").write_text(train_lib.to_json(tiny_cfg(wd, lr=0.5)))
-  assert command("train").main([*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]) == 0
+  assert command("train").main([*TRAIN_FLAGS, "--ckpt-every=10", f"--workdir={wd}"]) == 0
   assert json.loads((wd / "config.json").read_text())["lr"] == 1e-3
   # a finished run, run again: nothing to do, said
   capsys.readouterr()
-  done = copy_run(straight[0], tmp_path / "done", keep=(30, 60))
+  done = copy_run(straight[0], tmp_path / "done", keep=(10, 20))
   assert command("train").main(["--config", str(done / "config.json")]) == 0
-  assert "is already at step 60 (--steps 60): nothing to do" in capsys.readouterr().out
+  assert "is already at step 20 (--steps 20): nothing to do" in capsys.readouterr().out
   # the recipe guard still holds where a complete step exists
   assert command("train").main(["--config", str(done / "config.json"), "--lr=0.5"]) == 2
   one_error_line(capsys.readouterr().err, "lr: 0.001 -> 0.5")
@@ -309,17 +308,17 @@ def small_disk(tmp_path):
 
 def test_disk_full_stops_with_one_line_and_the_same_command_resumes(straight, small_disk, capsys):
   """3 MB: the first checkpoint (~2 MB) fits, the second does not; one line naming the
-  directory, bytes needed and free; step 30 intact; after freeing space the command resumes."""
+  directory, bytes needed and free; step 10 intact; after freeing space the command resumes."""
   wd = small_disk / "run"
-  argv = [*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]
+  argv = [*TRAIN_FLAGS, "--ckpt-every=10", f"--workdir={wd}"]
   assert command("train").main(argv) == 2
   line = one_error_line(capsys.readouterr().err, f"{wd}/checkpoints: no space for the checkpoint "
-                        "of step 60", "saved steps 30 are intact")
+                        "of step 20", "saved steps 10 are intact")
   assert re.search(r"needs ~\d+\.\d MB, \d+\.\d MB free", line)
-  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["30"]
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["10"]
   subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
   assert command("train").main(argv) == 0
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [30, 60]
+  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [10, 20]
   model, variables = checkpoint.load_checkpoint(wd)
   for a, b in zip(jax.tree.leaves(variables["params"]), params(straight[1]["state"])):
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -330,12 +329,12 @@ def test_a_write_that_runs_out_of_space_is_one_line_too(small_disk, capfd, monke
   no traceback flood, no unfinished entry left."""
   wd = small_disk / "run"
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 40)
-  argv = [*TRAIN_FLAGS, "--ckpt-every=30", f"--workdir={wd}"]
+  argv = [*TRAIN_FLAGS, "--ckpt-every=10", f"--workdir={wd}"]
   assert command("train").main(argv) == 2
   err = capfd.readouterr().err
-  one_error_line(err, f"{wd}/checkpoints: no space for the checkpoint of step 60")
+  one_error_line(err, f"{wd}/checkpoints: no space for the checkpoint of step 20")
   assert "Event loop is closed" not in err and "never retrieved" not in err
-  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["30"]
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["10"]
 
 
 def test_unwritable_workdir_is_one_line(tmp_path, capsys):
@@ -364,24 +363,24 @@ def test_eval_names_what_a_bad_checkpoint_path_is(straight, tmp_path, capsys):
     assert ev.main([str(path)]) == 2
     one_error_line(capsys.readouterr().err, needle)
   assert ev.main([str(straight[0]), "--step=4"]) == 2
-  one_error_line(capsys.readouterr().err, "has no complete step 4 (steps: 30, 60)")
+  one_error_line(capsys.readouterr().err, "has no complete step 4 (steps: 10, 20)")
 
 
 def test_eval_takes_a_step_and_names_an_unreadable_one(straight, tmp_path, capsys):
   ev = command("eval")
-  wd = copy_run(straight[0], tmp_path / "run", keep=(30, 60))
+  wd = copy_run(straight[0], tmp_path / "run", keep=(10, 20))
   outs = []
-  for args in ([str(wd), "--step=30"], [str(wd / "checkpoints" / "30")], [str(wd)]):
+  for args in ([str(wd), "--step=10"], [str(wd / "checkpoints" / "10")], [str(wd)]):
     out = tmp_path / f"r{len(outs)}.json"
     assert ev.main([*args, "--max-images=2", "--compile-cache=", f"--out={out}"]) == 0
     outs.append(json.loads(out.read_text()))
   printed = capsys.readouterr().out
-  assert f"checkpoint: {wd} step 30" in printed and f"checkpoint: {wd} step 60" in printed
+  assert f"checkpoint: {wd} step 10" in printed and f"checkpoint: {wd} step 20" in printed
   assert outs[0]["per_class"] == outs[1]["per_class"]
-  for d in (wd / "checkpoints" / "60" / "model").rglob("d"):
+  for d in (wd / "checkpoints" / "20" / "model").rglob("d"):
     shutil.rmtree(d)
   assert ev.main([str(wd), "--max-images=2"]) == 2
-  one_error_line(capsys.readouterr().err, "checkpoints/60: cannot be read", "--step (30)")
+  one_error_line(capsys.readouterr().err, "checkpoints/20: cannot be read", "--step (10)")
 
 
 def test_eval_refuses_a_truncated_image_before_the_model_loads(straight, tmp_path, capsys,
@@ -422,9 +421,9 @@ def test_predict_checks_inputs_before_the_model_and_writes_nothing(straight, tmp
   assert pr.main([str(tmp_path / "nockpt"), str(imgs / "a.jpg"), "-o", str(out)]) == 2
   one_error_line(capsys.readouterr().err, "nockpt: no such file or directory")
   monkeypatch.setattr(inference_cli, "load", real_load)
-  assert pr.main([str(straight[0]), str(imgs / "a.jpg"), "-o", str(out), "--step=30",
+  assert pr.main([str(straight[0]), str(imgs / "a.jpg"), "-o", str(out), "--step=10",
                   "--compile-cache="]) == 0
-  assert (out / "a_classes.png").is_file() and "step 30" in capsys.readouterr().out
+  assert (out / "a_classes.png").is_file() and "step 10" in capsys.readouterr().out
 
 
 def test_from_torch_names_the_kind_of_wrong_file(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from flax import traverse_util
 
-from conftest import TINY, host_devices_env, mmseg_segmentor_modules
+from conftest import TINY, TINY_RUN, host_devices_env, mmseg_segmentor_modules
 from segnext_jax import convert_map, segnext
 from segnext_jax.config import PRESETS, TrainConfig, make_config
 from segnext_jax.model import abstract_variables
@@ -71,26 +71,31 @@ def test_schedule_matches_mmengine_linear_then_poly():
 
 
 def _tiny_cfg(tmp_path, **kw) -> TrainConfig:
-  base = dict(model_overrides=TINY, steps=6, batch_size=4, crop_size=64, resize_scale=(256, 64),
-              warmup_steps=2, eval_every=1000, ckpt_every=3, log_every=1, workers=0,
-              workdir=str(tmp_path / "run"))
+  """conftest's TINY_RUN at 4 steps (test_cli's second step program)."""
+  base = dict(TINY_RUN, steps=4, eval_every=1000, ckpt_every=2, workdir=str(tmp_path / "run"))
   return make_config(PRESETS["synthetic"], {**base, **kw})
 
 
-def test_loss_decreases_on_a_fixed_batch():
+def _uint8_batch(n: int = 2, size: int = 64) -> dict:
+  """Synthetic scenes as the TrainLoader hands them to the step: uint8 pixels and labels, valid sizes."""
   from segnext_jax.data.datasets import Synthetic
-  from segnext_jax.data.transforms import normalize
+  ds = Synthetic(size=size)
+  return {"image": np.stack([ds[i][0] for i in range(n)]).astype(np.uint8),
+          "label": np.stack([ds[i][1] for i in range(n)]).astype(np.uint8),
+          "hw": np.full((n, 2), size, np.int32)}
+
+
+def test_loss_decreases_on_a_fixed_batch():
+  """The trainer's own step (a uint8 batch, normalised in the step) at a higher lr than the recipe's."""
   from segnext_jax.model import init_variables
   from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
-  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, steps=30, warmup_steps=1, lr=3e-3))
-  ds = Synthetic(size=64)
-  batch = {"image": np.stack([normalize(ds[i][0]) for i in range(4)]),
-           "label": np.stack([ds[i][1] for i in range(4)]).astype(np.int32)}
-  model = build_model(cfg, ds.num_classes)
+  cfg = make_config(PRESETS["synthetic"], dict(TINY_RUN, steps=30, lr=3e-3))
+  batch = _uint8_batch(4)
+  model = build_model(cfg, 6)
   mesh = make_mesh()
   # placed as train_and_evaluate places it: a state on another sharding than the step returns
   # would compile the step a second time at the second call
-  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
+  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(cfg.seed))),
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step = jit_train_step(cfg, mesh)
   losses = []
@@ -101,67 +106,65 @@ def test_loss_decreases_on_a_fixed_batch():
 
 
 def test_resume_is_exact(tmp_path):
-  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a", steps=6, ckpt_every=3),
-                                progress=False)
+  straight = train_and_evaluate(_tiny_cfg(tmp_path / "a"), progress=False)
   losses = [l for _, l in straight["history"]["loss"]]
-  cfg_b = _tiny_cfg(tmp_path / "b", steps=6, ckpt_every=3)
-  first = train_and_evaluate(cfg_b, stop_after=3, progress=False)  # "killed" after step 3
-  assert int(first["state"].step) == 3
+  cfg_b = _tiny_cfg(tmp_path / "b")
+  first = train_and_evaluate(cfg_b, stop_after=2, progress=False)  # "killed" after step 2
+  assert int(first["state"].step) == 2
   resumed = train_and_evaluate(cfg_b, progress=False)
-  assert int(resumed["state"].step) == 6
-  assert [l for _, l in resumed["history"]["loss"]] == losses[3:]
+  assert int(resumed["state"].step) == 4
+  assert [l for _, l in resumed["history"]["loss"]] == losses[2:]
   for a, b in zip(jax.tree.leaves(straight["state"].params), jax.tree.leaves(resumed["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
-  assert ckpts == ["3", "6"]
+  assert ckpts == ["2", "4"]
 
 
-STEP_SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-sys.path.insert(0, {tests!r})
-from conftest import TINY
-from segnext_jax.config import PRESETS, make_config
-from segnext_jax.model import init_variables
-from segnext_jax.train_lib import *
-cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=8, warmup_steps=0))
-model = build_model(cfg, 6)
-mesh = make_mesh()
-state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
-                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-rng = np.random.default_rng(0)
-batch = dict(image=rng.standard_normal((8, 48, 48, 3)).astype(np.float32),
-             label=rng.integers(0, 6, (8, 48, 48)).astype(np.int32))
-step = jit_train_step(cfg, mesh)
-state, m = step(state, shard_batch(batch, mesh), jax.random.key(1))
-np.savez(sys.argv[1], params=np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]),
-         stats=np.concatenate([np.ravel(s) for s in jax.tree.leaves(state.batch_stats)]),
-         lr=float(m["lr"]))
-print(json.dumps(dict(devices=jax.device_count(), loss=float(m["loss"]), gnorm=float(m["grad_norm"]))))
-"""
+def two_steps() -> dict:
+  """Two train steps of TINY_RUN on a fixed uint8 batch over every device of this process (the
+  first at warm-up's ~0 lr, the second at the full lr): loss, gradient norm, lr, the parameters
+  and BN statistics after them, flattened."""
+  from segnext_jax.model import init_variables
+  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+  cfg = make_config(PRESETS["synthetic"], dict(TINY_RUN, steps=4))
+  model = build_model(cfg, 6)
+  mesh = make_mesh()
+  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(0))),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  step = jit_train_step(cfg, mesh)
+  batch = _uint8_batch()
+  metrics = []
+  for _ in range(2):
+    state, m = step(state, shard_batch(batch, mesh), jax.random.key(1))
+    metrics.append(jax.device_get(m))
+  return dict(devices=np.array(jax.device_count()),
+              loss=np.array([float(m["loss"]) for m in metrics]),
+              gnorm=np.array([float(m["grad_norm"]) for m in metrics]), lr=np.array(float(metrics[-1]["lr"])),
+              params=np.concatenate([np.ravel(p) for p in jax.tree.leaves(state.params)]),
+              stats=np.concatenate([np.ravel(s) for s in jax.tree.leaves(state.batch_stats)]))
 
 
-def _run_step(devices: int, out: Path, cache: dict) -> dict:
-  """STEP_SCRIPT on `devices` host devices, with the session's compile cache (`cache`): the init
-  and a 1-device step are served from it; a step over several CPU devices never is (train.py)."""
-  env = dict(os.environ, **cache, **host_devices_env(devices))
-  res = subprocess.run([sys.executable, "-c", STEP_SCRIPT.format(tests=str(REPO / "tests")), str(out)],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+STEPS_SCRIPT = "import sys, numpy as np; sys.path.insert(0, {tests!r}); import test_train_lib; " \
+               "np.savez(sys.argv[1], **test_train_lib.two_steps())"
+
+
+def test_two_host_devices_match_one(tmp_path, compilation_cache):
+  """The same two steps on 1 device (this process: test_cli's step program, from the cache) and
+  on 2 forced host devices (a process of its own), one image each: the global batch's BN."""
+  one = two_steps()
+  env = dict(os.environ, **compilation_cache, **host_devices_env(2))
+  res = subprocess.run([sys.executable, "-c", STEPS_SCRIPT.format(tests=str(REPO / "tests")),
+                        str(tmp_path / "two.npz")], capture_output=True, text=True, env=env, cwd=REPO)
   assert res.returncode == 0, res.stderr[-2000:]
-  return {**json.loads(res.stdout.strip().splitlines()[-1]), **np.load(out)}
-
-
-def test_eight_host_devices_match_one(tmp_path, compilation_cache):
-  one = _run_step(1, tmp_path / "one.npz", compilation_cache)
-  eight = _run_step(8, tmp_path / "eight.npz", compilation_cache)
-  assert (one["devices"], eight["devices"]) == (1, 8)
-  assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
-  assert eight["gnorm"] == pytest.approx(one["gnorm"], rel=1e-4)
-  np.testing.assert_allclose(eight["stats"], one["stats"], rtol=1e-4, atol=1e-6)  # global-batch BN
-  # Adam's first step moves every parameter by about lr * sign(g): parameters whose true gradient
-  # is 0 (conv biases before a train-mode BN) follow rounding noise, so allow 2 lr there.
-  np.testing.assert_allclose(eight["params"], one["params"], rtol=0, atol=2 * float(one["lr"]))
-  moved = np.abs(eight["params"] - one["params"]) > 1e-6
+  two = dict(np.load(tmp_path / "two.npz"))
+  assert (int(one["devices"]), int(two["devices"])) == (1, 2)
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+  np.testing.assert_allclose(two["gnorm"], one["gnorm"], rtol=1e-4)
+  np.testing.assert_allclose(two["stats"], one["stats"], rtol=1e-4, atol=1e-6)  # global-batch BN
+  # Adam's step moves every parameter by about lr * sign(g): parameters whose true gradient is 0
+  # (conv biases before a train-mode BN) follow rounding noise, so allow 2 lr there.
+  np.testing.assert_allclose(two["params"], one["params"], rtol=0, atol=2 * float(one["lr"]))
+  moved = np.abs(two["params"] - one["params"]) > 1e-6
   assert moved.mean() < 0.01, moved.mean()
 
 
