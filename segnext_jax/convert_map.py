@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from segnext_jax.ham_head import GN_GROUPS
 from segnext_jax.model import VARIANTS
 
 # (regex on the torch module path, replacement) - applied in order, each at most once.
@@ -60,6 +61,7 @@ class Report:
   ignored: list[str]
   nmf_rank: int = 16
   nmf_rank_source: str = ""
+  custom_size: dict[str, Any] = dataclasses.field(default_factory=dict)  # {} for a released size
 
 
 def unwrap_state_dict(obj: Any) -> tuple[dict[str, np.ndarray], str]:
@@ -123,22 +125,87 @@ def stored_config(obj: Any) -> str | None:
   return None
 
 
-def infer_config(sd: Mapping[str, np.ndarray]) -> tuple[str, int | None]:
-  """Variant from the backbone tensor shapes and block counts; num_classes from conv_seg."""
+# A checkpoint whose sizes are no released variant's (a "custom size") is built on this base
+# variant, whose other settings (drop_path) apply, with its own sizes as overrides; `--variant`
+# names another base.
+CUSTOM_BASE = "t"
+SIZE_KEYS = ("embed_dims", "depths", "head_channels")  # what a custom size overrides
+
+
+def _channels(sd: Mapping[str, np.ndarray], key: str, check: str, what: str) -> int:
+  """The leading dim of `key`, which the leading dim of `check` must equal (else one line naming
+  both), so that a damaged tensor is named rather than every tensor that disagrees with it."""
+  if key not in sd:
+    raise ConversionError(f"missing tensor {key!r}: cannot infer the {what}")
+  n = int(sd[key].shape[0]) if sd[key].ndim else 0
+  if check in sd and (sd[check].ndim == 0 or int(sd[check].shape[0]) != n):
+    raise ConversionError(f"inconsistent shapes: {key} {tuple(sd[key].shape)} and {check} "
+                          f"{tuple(sd[check].shape)} must have the same {what}")
+  return n
+
+
+def infer_sizes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], int | None]:
+  """({'embed_dims', 'depths'[, 'head_channels']}, num_classes) from the tensor shapes; a bare
+  backbone has no head, so no head_channels and no num_classes."""
   pre = "backbone." if any(k.startswith("backbone.") for k in sd) else ""
   dims, depths = [], []
   for s in range(1, 5):
-    key = f"{pre}norm{s}.weight"
-    if key not in sd:
-      raise ConversionError(f"missing tensor {key!r}: cannot infer the MSCAN variant")
-    dims.append(int(sd[key].shape[0]))
+    dims.append(_channels(sd, f"{pre}norm{s}.weight", f"{pre}patch_embed{s}.norm.weight"
+                          if s > 1 else f"{pre}patch_embed1.proj.4.weight", "MSCAN embed_dims"))
     blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(pre)}block{s}\.(\d+)\.", k))}
-    depths.append(max(blocks) + 1 if blocks else 0)
-  for name, row in VARIANTS.items():
-    if tuple(dims) == row["embed_dims"] and tuple(depths) == row["depths"]:
-      head = sd.get("decode_head.conv_seg.weight")
-      return name, (int(head.shape[0]) if head is not None else None)
-  raise ConversionError(f"no SegNeXt variant has embed_dims {tuple(dims)} and depths {tuple(depths)}")
+    if not blocks:
+      raise ConversionError(f"no tensor {pre}block{s}.0.*: cannot infer the depth of MSCAN stage {s}")
+    depths.append(max(blocks) + 1)
+  sizes: dict[str, Any] = dict(embed_dims=tuple(dims), depths=tuple(depths))
+  head = sd.get("decode_head.conv_seg.weight")
+  key = "decode_head.squeeze.conv.weight"  # absent: convert_state_dict names it missing
+  if key in sd:
+    channels = _channels(sd, key, "decode_head.squeeze.gn.weight", "head channels")
+    if channels % GN_GROUPS:
+      raise ConversionError(f"{key} {tuple(sd[key].shape)}: head channels {channels} are not a "
+                            f"multiple of the GroupNorm's {GN_GROUPS} groups")
+    sizes["head_channels"] = channels
+  return sizes, (int(head.shape[0]) if head is not None else None)
+
+
+def released_variant(sizes: Mapping[str, Any]) -> str | None:
+  """The released variant whose embed_dims, depths and (if given) head_channels these are; None
+  for a custom size."""
+  return next((name for name, row in VARIANTS.items()
+               if all(row[k] == v for k, v in sizes.items())), None)
+
+
+def describe_size(sizes: Mapping[str, Any]) -> str:
+  """'embed_dims (8, 16, 32, 32), depths (1, 1, 1, 1), head_channels 32'."""
+  return ", ".join(f"{k} {tuple(v) if isinstance(v, (list, tuple)) else v}" for k, v in sizes.items())
+
+
+def infer_model(sd: Mapping[str, np.ndarray],
+                base: str | None = None) -> tuple[str, dict[str, Any], int | None]:
+  """(variant, size overrides, num_classes) from the tensor shapes. A released size: its variant
+  and no overrides (`base`, if given, must be that variant). A custom size: `base` (default
+  CUSTOM_BASE) with embed_dims, depths and head_channels as overrides."""
+  sizes, num_classes = infer_sizes(sd)
+  variant = released_variant(sizes)
+  if variant is not None:
+    if base is not None and base.lower() != variant:
+      raise ConversionError(f"--variant={base} disagrees with the checkpoint's shapes, which are "
+                            f"variant {variant!r}")
+    return variant, {}, num_classes
+  base = (base or CUSTOM_BASE).lower()
+  if base not in VARIANTS:
+    raise ConversionError(f"unknown variant {base!r}; expected one of {sorted(VARIANTS)}")
+  return base, sizes, num_classes
+
+
+def infer_config(sd: Mapping[str, np.ndarray]) -> tuple[str, int | None]:
+  """(variant, num_classes) of a released size; a custom size is an error here (`infer_model`
+  builds it on a base variant)."""
+  sizes, num_classes = infer_sizes(sd)
+  variant = released_variant(sizes)
+  if variant is None:
+    raise ConversionError(f"no SegNeXt variant has {describe_size(sizes)}")
+  return variant, num_classes
 
 
 def map_key(key: str, target: Mapping[tuple, Any]) -> tuple[tuple, Callable] | None:

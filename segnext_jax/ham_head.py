@@ -16,6 +16,7 @@ from segnext_jax.padding import NO_PADDING, Padding, zero_outside
 from segnext_jax.resize import resize_bilinear
 
 GN_EPS = 1e-5
+GN_GROUPS = 32  # mmseg's SegNeXt head: GN(32), so head channels are a multiple of 32
 NMF_EPS = 1e-6
 Dtype = Any
 NMFGrad = Literal["unroll", "one_step"]
@@ -87,7 +88,7 @@ class ConvGN(nn.Module):
     x = Conv1x1(self.features, False, self.dtype, KAIMING, name="conv")(x)
     mask = self.pad.mask(x)
     mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    x = nn.GroupNorm(num_groups=32, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x, mask=mask)
+    x = nn.GroupNorm(num_groups=GN_GROUPS, epsilon=GN_EPS, dtype=self.dtype, name="gn")(x, mask=mask)
     return nn.relu(x) if self.relu else x
 
 

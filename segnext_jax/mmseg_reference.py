@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import types
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +31,20 @@ def stub_mmcv_ops() -> None:
   sys.modules["mmcv.ops"] = ops
 
 
-def mmseg_segmentor_modules(variant: str, num_classes: int = 150, nmf_rank: int = 16):
-  """mmseg's own MSCAN and LightHamHead for a variant, from the config shipped in the wheel."""
+def mmseg_segmentor_modules(variant: str, num_classes: int = 150, nmf_rank: int = 16,
+                            **overrides: Any):
+  """mmseg's own MSCAN and LightHamHead for a variant, from the config shipped in the wheel.
+  overrides (embed_dims, depths, head_channels, drop_path) replace the variant's row, as
+  segnext(variant, **overrides) does: a custom-size checkpoint in mmseg's own layout."""
   stub_mmcv_ops()
   import torch  # noqa: F401
   from mmseg.models.backbones.mscan import MSCAN
   from mmseg.models.decode_heads.ham_head import LightHamHead
   from segnext_jax.model import MLP_RATIOS, VARIANTS
-  row = VARIANTS[variant]
+  if unknown := set(overrides) - set(VARIANTS[variant]):
+    raise ValueError(f"unknown mmseg reference overrides {sorted(unknown)}; expected some of "
+                     f"{sorted(VARIANTS[variant])}")
+  row = {**VARIANTS[variant], **overrides}
   backbone = MSCAN(embed_dims=list(row["embed_dims"]), mlp_ratios=list(MLP_RATIOS),
                    drop_rate=0.0, drop_path_rate=row["drop_path"], depths=list(row["depths"]),
                    norm_cfg=dict(type="BN", requires_grad=True))
@@ -100,16 +107,20 @@ def segmentor_state_dict(backbone, head) -> dict:
 class TorchReference:
   """A random-weight mmseg SegNeXt written to a real .pth in mmseg's checkpoint format."""
 
-  def __init__(self, variant: str, tmp_path, seed: int = 0, num_classes: int = 150):
+  def __init__(self, variant: str, tmp_path, seed: int = 0, num_classes: int = 150,
+               **overrides: Any):
+    """overrides: a custom size (e.g. embed_dims, depths, head_channels), see
+    `mmseg_segmentor_modules`; the file is then segnext_<variant>_custom.pth."""
     import torch
     self.variant = variant
-    self.backbone, self.head = mmseg_segmentor_modules(variant, num_classes)
+    self.overrides = overrides
+    self.backbone, self.head = mmseg_segmentor_modules(variant, num_classes, **overrides)
     randomize_(self.backbone, seed)
     calibrate_bn_(self.backbone, seed)
     randomize_(self.head, seed + 1)
     self.backbone.eval()
     self.head.eval()
-    self.path = tmp_path / f"segnext_{variant}.pth"
+    self.path = tmp_path / f"segnext_{variant}{'_custom' if overrides else ''}.pth"
     torch.save({"meta": {"mmseg_version": "1.2.2"},
                 "state_dict": segmentor_state_dict(self.backbone, self.head)}, self.path)
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from segnext_jax.convert_map import SIZE_KEYS, describe_size
+
 # Paths that may differ in shape between source and model (a new class count): re-initialised.
 REINIT_ON_SHAPE_CHANGE = (("params", "decode_head", "conv_seg"),)
 
@@ -54,20 +56,29 @@ def merge(init: dict, source: dict) -> tuple[dict, MergeReport]:
   return traverse_util.unflatten_dict(out), report
 
 
-def read_source(path: str) -> tuple[dict, str]:
-  """(variables, variant) of a .pth (converted on the fly) or a checkpoint directory."""
+def read_source(path: str) -> tuple[dict, str, dict]:
+  """(variables, variant, custom size) of a .pth (converted on the fly) or a checkpoint directory;
+  the custom size is the source's embed_dims / depths / head_channels overrides ({} if none)."""
   if Path(path).is_dir():
     from segnext_jax import checkpoint
     _, variables, meta = checkpoint.load(path, backbone_only_ok=True)
-    return variables, meta["variant"]
-  from segnext_jax import torch_io
-  variables, meta, _ = torch_io.convert_file(path)
-  return variables, meta["variant"]
+  else:
+    from segnext_jax import torch_io
+    variables, meta, _ = torch_io.convert_file(path)
+  sizes = {k: v for k, v in meta.get("model", {}).items() if k in SIZE_KEYS}
+  return variables, meta["variant"], sizes
 
 
 def load_pretrained(path: str, variables: dict, variant: str) -> tuple[dict, MergeReport]:
-  """Overlay pretrained weights on `variables`; the source must be the same variant."""
-  source, src_variant = read_source(path)
+  """Overlay pretrained weights on `variables`; the source must be the same variant (and, for a
+  custom size, the model built with the same sizes: the refusal says which)."""
+  source, src_variant, sizes = read_source(path)
   if src_variant != variant:
     raise ValueError(f"--pretrained {path} is variant {src_variant!r}, the model is {variant!r}")
-  return merge(jax.tree.map(jnp.asarray, variables), source)
+  try:
+    return merge(jax.tree.map(jnp.asarray, variables), source)
+  except ValueError as e:
+    if not sizes:
+      raise
+    raise ValueError(f"{e}: --pretrained {path} is a custom size ({describe_size(sizes)}); give "
+                     "the model the same with --model-overrides") from None

@@ -107,21 +107,20 @@ def convert_file(path: str | Path, variant: str | None = None, nmf_rank: int | N
                  nmf_seed: int = 0, trust_pickle: bool = False) -> tuple[dict, dict, Report]:
   """Load and convert a .pth: (variables incl. fixed NMF bases, metadata, report).
 
-  nmf_rank None: from the checkpoint's stored config, else its format's default (see
-  convert_map.nmf_rank). Raises ConversionError with one line naming the problem."""
+  variant: must agree with a released size; for a custom size (embed_dims, depths, head channels
+  of no released variant, recorded in meta['model']) it names the base (default
+  convert_map.CUSTOM_BASE). nmf_rank None: from the checkpoint's stored config, else its format's
+  default (see convert_map.nmf_rank). Raises ConversionError with one line naming the problem."""
   path = Path(path)
   obj = load_torch(path, trust_pickle)
   sd, fmt = convert_map.unwrap_state_dict(obj)
-  inferred, num_classes = convert_map.infer_config(sd)
-  if variant is not None and variant.lower() != inferred:
-    raise ConversionError(
-        f"--variant={variant} disagrees with the checkpoint's shapes, which are variant {inferred!r}")
+  inferred, sizes, num_classes = convert_map.infer_model(sd, variant)
   backbone_only = "backbone" in fmt
   if nmf_rank is None:
     nmf_rank, rank_source = convert_map.nmf_rank(convert_map.stored_config(obj), fmt, inferred)
   else:
     rank_source = "given (--nmf-rank)"
-  model_kw = {"nmf_rank": nmf_rank, **({"num_classes": num_classes} if num_classes else {})}
+  model_kw = {"nmf_rank": nmf_rank, **({"num_classes": num_classes} if num_classes else {}), **sizes}
   model = segnext(inferred, **model_kw)
   variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(model),
                                                       backbone_only=backbone_only)
@@ -137,5 +136,5 @@ def convert_file(path: str | Path, variant: str | None = None, nmf_rank: int | N
                   "fixed, stored in the .pth (meta['segnext_jax'])" if stored is not None
                   else f"fixed, drawn from seed {nmf_seed}"))
   report = Report(fmt, inferred, num_classes, backbone_only, len(sd) - len(ignored), ignored,
-                  nmf_rank, rank_source)
+                  nmf_rank, rank_source, sizes)
   return variables, meta, report

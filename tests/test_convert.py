@@ -1,18 +1,21 @@
-"""The key map covers every variant, and bad checkpoints fail with one line and write nothing."""
+"""The key map covers every variant and custom sizes, and bad checkpoints fail with one line and
+write nothing."""
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
 
-from conftest import mmseg_segmentor_modules, segmentor_state_dict
+from conftest import (FP32_ATOL, TINY, TorchReference, command, mmseg_segmentor_modules,
+                      segmentor_state_dict)
 from flax import traverse_util
 
-from segnext_jax import checkpoint, convert_map, torch_io
+from segnext_jax import checkpoint, convert_map, load_checkpoint, random_bases, torch_io
 from segnext_jax.model import abstract_variables, segnext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +172,88 @@ def test_nmf_rank_from_stored_config_or_format(tmp_path, fmt, config, flag, want
 def test_mmengine_cfg_key_is_read():
   assert convert_map.stored_config({"meta": {"cfg": "ham_kwargs=dict(MD_R=16)"}}) == "ham_kwargs=dict(MD_R=16)"
   assert convert_map.nmf_rank("'MD_R': 48", "official SegNeXt segmentor", "l")[0] == 48
+
+
+@pytest.fixture(scope="module")
+def ref_tiny(tmp_path_factory) -> TorchReference:
+  """mmseg's own SegNeXt at TINY's sizes (no released variant's), random weights, as a .pth."""
+  return TorchReference("t", tmp_path_factory.mktemp("ref_tiny"), **TINY)
+
+
+def test_custom_size_converts_and_matches_mmseg(ref_tiny, tmp_path, capsys):
+  """A custom-size checkpoint converts on base 't' with its sizes in meta['model'], loads as that
+  model and gives mmseg's own stage maps and logits (eval mode, same NMF bases)."""
+  out = tmp_path / "conv"
+  assert command("from_torch").main([str(ref_tiny.path), "-o", str(out)]) == 0
+  assert ("mmseg segmentor: custom size (embed_dims (8, 16, 32, 32), depths (1, 1, 1, 1), "
+          "head_channels 32) on variant t, num_classes 150" in capsys.readouterr().out)
+  model, variables = load_checkpoint(out)
+  meta = checkpoint.read_meta(out)
+  assert meta["variant"] == "t" and meta["model"] == {
+      "nmf_rank": 16, "num_classes": 150, **{k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in TINY.items()}}
+  assert (tuple(model.embed_dims), tuple(model.depths), model.head_channels) == (
+      TINY["embed_dims"], TINY["depths"], TINY["head_channels"])
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((2, 45, 61, 3)).astype(np.float32)  # odd size: the padding paths
+  bases = np.asarray(random_bases(jax.random.key(3), 2, model.head_channels, model.nmf_rank))
+  feats_t, logits_t = ref_tiny.forward(images, bases)
+  logits, state = jax.jit(lambda v, x, b: model.apply(v, x, train=False, nmf_bases=b,
+                                                      mutable=["intermediates"]))(variables, images, bases)
+  stages = [state["intermediates"]["backbone"][f"stage{s}"][0] for s in range(1, 5)]
+  for s, (a, b) in enumerate(zip(stages, feats_t), 1):
+    assert a.shape == b.shape and a.shape[-1] == TINY["embed_dims"][s - 1], (s, a.shape, b.shape)
+    err = float(np.max(np.abs(np.asarray(a) - b)))
+    assert err <= FP32_ATOL, f"stage {s}: max abs err {err:.2e} (scale {np.abs(b).max():.2f})"
+  assert logits.shape == logits_t.shape == (2, 6, 8, 150)
+  err = float(np.max(np.abs(np.asarray(logits) - logits_t)))
+  assert err <= FP32_ATOL, f"logits: max abs err {err:.2e} (scale {np.abs(logits_t).max():.2f})"
+  assert command("to_torch").main([str(out), "-o", str(tmp_path / "back.pth")]) == 0  # and back
+  orig = torch.load(ref_tiny.path, weights_only=True)["state_dict"]
+  back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+  assert sorted(orig) == list(back)
+  assert all(torch.equal(back[k], t) for k, t in orig.items() if "num_batches" not in k)
+
+
+def test_custom_size_base_and_backbone_only(ref_tiny, tmp_path):
+  """--variant names a custom size's base; a bare custom MSCAN records embed_dims and depths (its
+  head channels are no tensor's)."""
+  _, meta, report = torch_io.convert_file(ref_tiny.path, variant="s")
+  assert meta["variant"] == report.variant == "s" and meta["model"]["embed_dims"] == TINY["embed_dims"]
+  path = tmp_path / "mscan_tiny.pth"
+  torch.save({"state_dict": ref_tiny.backbone.state_dict()}, path)
+  variables, meta, report = torch_io.convert_file(path)
+  assert report.backbone_only and report.custom_size == {
+      "embed_dims": TINY["embed_dims"], "depths": TINY["depths"]}
+  assert meta["model"] == {"nmf_rank": 16, **report.custom_size}
+  assert "decode_head" not in variables["params"]
+
+
+def test_cli_inconsistent_custom_size(ref_tiny, tmp_path):
+  """A tensor that disagrees with the one that sets the same size is named, not every tensor
+  built from the wrong size."""
+  sd = dict(torch.load(ref_tiny.path, weights_only=True)["state_dict"])
+  sd["backbone.norm2.weight"] = torch.zeros(24)
+  _assert_fails(tmp_path, _write(tmp_path, sd), "inconsistent shapes",
+                "backbone.norm2.weight (24,)", "backbone.patch_embed2.norm.weight (16,)")
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"decode_head.squeeze.conv.weight": (48, 80, 1, 1), "decode_head.squeeze.gn.weight": (48,)},
+     ("decode_head.squeeze.conv.weight (48, 80, 1, 1)", "not a multiple", "32")),
+    ({"decode_head.squeeze.gn.weight": (64,)},
+     ("inconsistent shapes", "decode_head.squeeze.gn.weight (64,)")),
+    ({"decode_head.align.conv.weight": (32, 31, 1, 1)},
+     ("1 mis-shaped", "decode_head.align.conv.weight")),
+    ({"backbone.block3.0.mlp.fc1.weight": (100, 32, 1, 1)},
+     ("mis-shaped", "backbone.block3.0.mlp.fc1.weight")),
+])
+def test_custom_size_bad_shapes_fail_in_one_line(ref_tiny, tmp_path, change, needles):
+  """Head channels GroupNorm cannot take, a head tensor disagreeing with the one the size is read
+  from, and tensors that do not fit the inferred custom size: one line naming the tensor."""
+  sd = dict(torch.load(ref_tiny.path, weights_only=True)["state_dict"])
+  sd.update({k: torch.zeros(shape) for k, shape in change.items()})
+  with pytest.raises(convert_map.ConversionError) as e:
+    torch_io.convert_file(_write(tmp_path, sd))
+  msg = str(e.value)
+  assert "\n" not in msg and all(n in msg for n in needles), msg

@@ -1,9 +1,11 @@
 """Convert an mmseg 1.x / official SegNeXt torch checkpoint to a segnext-jax orbax checkpoint.
 
   python convert/from_torch.py segnext_mscan-t_...pth -o converted/segnext_t   # needs: .[convert]
-Infers variant and num_classes from tensor shapes; fails with one line naming any missing,
-unexpected or mis-shaped tensor, and then writes nothing. A .pth written by convert/to_torch.py
-gives back its fixed NMF bases; any other gets bases drawn from --nmf-seed.
+Infers variant and num_classes from tensor shapes (a custom size, embed_dims / depths / head
+channels of no released variant, is built on --variant, default t, with those sizes); fails with
+one line naming any missing, unexpected or mis-shaped tensor, and then writes nothing. A .pth
+written by convert/to_torch.py gives back its fixed NMF bases; any other gets bases drawn from
+--nmf-seed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("checkpoint", type=Path, help="mmseg/official .pth (segmentor or MSCAN backbone)")
   p.add_argument("-o", "--out", type=Path, help="output directory (default: <checkpoint stem>_jax)")
   p.add_argument("--variant", choices=typing.get_args(Variant),
-                 help="model size; must match the shapes (default: inferred from them)")
+                 help="model size; must match the shapes (default: inferred from them). For a custom "
+                 "size: the base variant whose other settings (drop_path) apply (default t)")
   cli.add_flag(p, "nmf-rank", type=int, default=None,
                help="NMF rank R (a config choice, not a tensor shape). Default: MD_R of the config "
                "stored in the checkpoint; else 16 for mmseg 1.x checkpoints and official T/S, 64 for "
@@ -50,7 +53,9 @@ def _main(argv: list[str] | None = None) -> int:
                                                   args.nmf_seed, args.trust_pickle)
   save_converted(out, variables, meta, overwrite=args.force)
   ignored = report.ignored
-  print(f"{report.source_format}: variant {report.variant}, num_classes {report.num_classes}, "
+  size = (f"custom size ({convert_map.describe_size(report.custom_size)}) on variant "
+          if report.custom_size else "variant ")
+  print(f"{report.source_format}: {size}{report.variant}, num_classes {report.num_classes}, "
         f"{report.converted} tensors converted, {len(ignored)} ignored"
         + (f" ({', '.join(ignored[:4])}{' ...' if len(ignored) > 4 else ''})" if ignored else ""))
   if not report.backbone_only:
