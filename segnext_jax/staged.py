@@ -19,6 +19,9 @@ to ~130 ms of compute per 512x512 image.
 
 `StagedForward(model)(variables, images, valid)` runs it; `.lower(...).compile()` compiles every
 part ahead (abstract arguments), as `jax.jit(f).lower(...).compile()` does for one program.
+The programs are the process's, not one forward's: another StagedForward of a model with the
+same parts (a second evaluation, eval.py's main called again in one process) finds them traced
+and compiled.
 """
 from __future__ import annotations
 
@@ -30,11 +33,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from segnext_jax import backend
 from segnext_jax.model import SegNeXt, is_part
 
 _ARRAY = "<array>"  # a part's argument passed to its program (the others are static)
 # A part's call as (program, variables, array arguments) -> output: run it, or lower it.
 Run = Callable[[Callable, dict, list], Any]
+
+# Every part's jitted program in this process, by the part's definition, its static arguments and
+# the backend policy its trace reads (depthwise implementation); jax keeps each one's compiled
+# shapes.
+_PROGRAMS: dict[tuple, Callable] = {}
+_PROGRAMS_LOCK = threading.Lock()  # evaluation lowers in background threads while it runs
 
 
 @dataclasses.dataclass
@@ -52,8 +62,6 @@ class StagedForward:
 
   def __init__(self, model: SegNeXt):
     self.model = model
-    self._programs: dict[tuple, Callable] = {}
-    self._lock = threading.Lock()  # evaluation lowers in background threads while it runs
 
   def __call__(self, variables: dict, images: jax.Array,
                valid: jax.Array | None = None) -> jax.Array:
@@ -92,20 +100,20 @@ class StagedForward:
 
   def _program(self, part: nn.Module, tree: Any, statics: tuple) -> Callable:
     """The jitted program of a part: (variables, its array arguments) -> its output. Keyed by
-    the part's fields (its definition, not its name) and its static arguments."""
+    the part's fields (its definition, not its name), its static arguments and the policy."""
     fields = tuple(getattr(part, f.name) for f in dataclasses.fields(part)
                    if f.name not in ("parent", "name"))
-    key = (type(part), fields, tree, statics)
-    with self._lock:
-      if key not in self._programs:
+    key = (type(part), fields, tree, statics, backend.policy())
+    with _PROGRAMS_LOCK:
+      if key not in _PROGRAMS:
         module = part.unbind()[0]
         def program(variables: dict, arrays: list) -> Any:
           it = iter(arrays)
           args, kwargs = jax.tree.unflatten(tree, [next(it) if s is _ARRAY else s for s in statics])
           return module.apply(variables, *args, **kwargs)
         program.__name__ = program.__qualname__ = type(part).__name__  # jit(MSCABlock) in logs
-        self._programs[key] = jax.jit(program)
-      return self._programs[key]
+        _PROGRAMS[key] = jax.jit(program)
+      return _PROGRAMS[key]
 
 
 def _is_array(x: Any) -> bool:

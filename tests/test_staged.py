@@ -19,6 +19,13 @@ from segnext_jax.staged import StagedForward
 PARTS = ("StemConv", "OverlapPatchEmbed", "MSCABlock", "LayerNorm", "LightHamHead")
 
 
+@pytest.fixture(autouse=True)
+def no_programs_in_memory():
+  """Each test counts the programs it builds: none traced or compiled before it in this process
+  (StagedForward's part programs are the process's; jax.clear_caches empties them)."""
+  jax.clear_caches()
+
+
 def parts_built(names: list[str]) -> collections.Counter:
   """How many programs of each kind of part among `names` (jit(MSCABlock), ...)."""
   return collections.Counter(p for n in names for p in PARTS if n == f"jit({p})")
@@ -71,6 +78,12 @@ def test_segmenter_for_model_runs_the_staged_parts(tiny_variables):
   assert scores.shape == (70, 90, 150)
   assert parts_built(built) == {"StemConv": 1, "OverlapPatchEmbed": 3, "MSCABlock": 4,
                                 "LayerNorm": 4, "LightHamHead": 1}
+  # another Segmenter of the same model (eval.py's main run again in this process): every part
+  # program is found compiled, and the scores are the same
+  with xla_programs() as built:
+    again = Segmenter.for_model(model, InferenceConfig(scale=(128, 64))).scores(tiny_variables, img)
+  assert parts_built(built) == {}
+  np.testing.assert_array_equal(again, scores)
 
 
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "jit"])
