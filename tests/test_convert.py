@@ -2,8 +2,9 @@
 write nothing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,12 +19,14 @@ from flax import traverse_util
 from segnext_jax import checkpoint, convert_map, load_checkpoint, random_bases, torch_io
 from segnext_jax.model import abstract_variables, segnext
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(REPO / "convert/from_torch.py"), *map(str, args)],
-                        capture_output=True, text=True)
+  """convert/from_torch.py's command, run in this process (no interpreter, JAX and torch start
+  per call): its exit status, stdout and stderr."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = command("from_torch").main([str(a) for a in args])
+  return subprocess.CompletedProcess(["convert/from_torch.py", *map(str, args)], code,
+                                     out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

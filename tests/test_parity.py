@@ -1,8 +1,9 @@
 """Converted mmseg weights give mmseg's outputs (eval mode, same NMF bases)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -10,17 +11,21 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import FP32_ATOL, TorchReference
+from conftest import FP32_ATOL, TorchReference, command
 
 GRAD_RTOL = 1e-3
 from segnext_jax import load_checkpoint, random_bases
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def convert_cli(pth: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(REPO / "convert/from_torch.py"), str(pth), "-o", str(out), *extra],
-                        capture_output=True, text=True)
+  """convert/from_torch.py PTH -o OUT, run in this process: exit status, stdout, stderr."""
+  argv = [str(pth), "-o", str(out), *extra]
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    code = command("from_torch").main(argv)
+  return subprocess.CompletedProcess(["convert/from_torch.py", *argv], code, stdout.getvalue(),
+                                     stderr.getvalue())
 
 
 def check_parity(ref: TorchReference, tmp_path: Path, batch: int, hw: tuple[int, int]) -> None:
