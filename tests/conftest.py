@@ -89,6 +89,44 @@ TINY_RUN_FLAGS = ["--model-overrides", json.dumps(TINY), "--batch-size=2", "--cr
                   "--resize-scale", "128", "64", "--warmup-steps=1", "--workers=0", "--log-every=1"]
 
 
+def tiny_train_model(precision: str = "fp32"):
+  """TINY as the trainer builds it (6 classes, DropPath and dropout off: deterministic)."""
+  from segnext_jax.config import PRESETS, make_config
+  from segnext_jax.train_lib import build_model
+  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=dict(TINY, drop_path=0.0, dropout=0.0),
+                                               precision=precision, warmup_steps=0, batch_size=4))
+  return cfg, build_model(cfg, 6)
+
+
+def tiny_train_batch() -> dict:
+  """Four 64 px synthetic scenes (a random batch would give near-zero, cancelling gradients),
+  their top 5 rows ignored (255)."""
+  import numpy as np
+  from segnext_jax.data.datasets import Synthetic
+  from segnext_jax.data.transforms import normalize
+  ds = Synthetic(size=64)
+  label = np.stack([ds[i][1] for i in range(4)]).astype(np.int32)
+  label[:, :5] = 255
+  return dict(image=np.stack([normalize(ds[i][0]) for i in range(4)]), label=label)
+
+
+def train_loss_grads(model, variables: dict, batch: dict, key):
+  """train_step's loss (rng streams derived from `key` as it derives them), its parameter
+  gradients and the new BN statistics: one jitted program of its arguments, so tests on the same
+  model and shapes (test_precision's fp32, test_backend's CPU policy) share it through the cache."""
+  import jax
+  from segnext_jax.loss import seg_cross_entropy
+
+  def loss_fn(params, batch_stats, image, label, key):
+    k_drop, k_nmf = jax.random.split(key)
+    logits, new = model.apply({"params": params, "batch_stats": batch_stats}, image, train=True,
+                              mutable=["batch_stats"], rngs={"dropout": k_drop, "nmf": k_nmf})
+    return seg_cross_entropy(logits, label), new["batch_stats"]
+  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      variables["params"], variables["batch_stats"], batch["image"], batch["label"], key)
+  return float(loss), grads, stats
+
+
 @pytest.fixture(scope="session")
 def tiny_variables():
   """Random variables of segnext("t", **TINY): every layer kind of T (same kernels, masks, NMF),

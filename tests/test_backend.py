@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, tiny_train_batch, tiny_train_model, train_loss_grads
 from segnext_jax import backend
 from segnext_jax.depthwise import depthwise_conv2d
 
@@ -105,26 +105,16 @@ def test_expected_platform_reads_jax_platforms(monkeypatch):
 
 
 def _train_step_outputs(batch):
-  """Loss, gradients and BN statistics of one tiny train step, traced under the current policy."""
-  from segnext_jax.loss import seg_cross_entropy
+  """Loss, gradients and BN statistics of one TINY train step, traced under the current policy
+  (under the CPU policy: test_precision's fp32 program, shared through the compile cache)."""
   from segnext_jax.model import init_variables, segnext
-  model = segnext("t", **TINY, num_classes=6, drop_path=0.0, dropout=0.0)
-  v = init_variables(model, jax.random.key(0))
-
-  def loss_fn(params):
-    logits, new = model.apply({"params": params, "batch_stats": v["batch_stats"]}, batch["image"],
-                              train=True, mutable=["batch_stats"], rngs={"nmf": jax.random.key(2)})
-    return seg_cross_entropy(logits, batch["label"]), new["batch_stats"]
-
-  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(v["params"])
-  return loss, grads, stats
+  variables = init_variables(segnext("t", **TINY, num_classes=6), jax.random.key(0))
+  return train_loss_grads(tiny_train_model("fp32")[1], variables, batch,
+                          jax.random.fold_in(jax.random.key(1), 0))
 
 
 def test_plain_policy_gives_the_cpu_policys_train_step():
-  rng = np.random.default_rng(0)
-  batch = dict(image=rng.standard_normal((2, 64, 96, 3)).astype(np.float32),
-               label=rng.integers(0, 6, (2, 64, 96)).astype(np.int32))
-  batch["label"][:, :5] = 255
+  batch = tiny_train_batch()  # synthetic scenes, 5 ignored rows
   with backend.override(**{k: v for k, v in backend.POLICIES["cpu"].__dict__.items()
                            if k != "keep_freed_memory"}):
     cpu = _train_step_outputs(batch)

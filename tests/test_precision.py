@@ -9,53 +9,26 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import TINY
+from conftest import TINY, tiny_train_batch, tiny_train_model, train_loss_grads
 from segnext_jax import ham_head
 from segnext_jax.config import PRESETS, make_config
-from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+from segnext_jax.train_lib import create_train_state, jit_train_step, make_mesh, shard_batch
 
-# Measured on the tiny model below (2026-12-02, CPU): loss 8e-6 relative; gradient leaves' relative
-# error norm up to 0.21 (the backbone's first block; median 0.09), cosine of the whole gradient
-# 0.99996; BN statistics 2.9e-3 (means in running-std units). Bounds leave about 2x (1 - cos: 25x).
+# Measured on conftest's tiny_train_model / tiny_train_batch (2026-12-07, CPU): loss 1.1e-5
+# relative; gradient leaves' relative error norm up to 0.22 (the backbone's first block; median
+# 0.09), cosine of the whole gradient 0.99995; BN statistics 2.9e-3 (means in running-std units).
+# Bounds leave about 2x (1 - cos: 20x).
 LOSS_RTOL, GRAD_TOL, GRAD_MEDIAN, GRAD_COS, STATS_TOL = 1e-4, 0.4, 0.2, 0.999, 1e-2
-
-
-def _model(precision: str):
-  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=dict(TINY, drop_path=0.0, dropout=0.0),
-                                               precision=precision, warmup_steps=0, batch_size=4))
-  return cfg, build_model(cfg, 6)
-
-
-def _loss_grads_stats(model, variables: dict, batch: dict):
-  """train_step's loss (same rng streams), its parameter gradients and the new BN statistics."""
-  from segnext_jax.loss import seg_cross_entropy
-  k_drop, k_nmf = jax.random.split(jax.random.fold_in(jax.random.key(1), 0))
-
-  def loss_fn(params):
-    logits, new = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                              batch["image"], train=True, mutable=["batch_stats"],
-                              rngs={"dropout": k_drop, "nmf": k_nmf})
-    return seg_cross_entropy(logits, batch["label"]), new["batch_stats"]
-  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
-  return float(loss), grads, stats
-
-
-def _synthetic_batch(n: int = 4, size: int = 64) -> dict:
-  """Real scenes and labels (a random batch would give near-zero, cancelling gradients)."""
-  from segnext_jax.data.datasets import Synthetic
-  from segnext_jax.data.transforms import normalize
-  ds = Synthetic(size=size)
-  return dict(image=np.stack([normalize(ds[i][0]) for i in range(n)]),
-              label=np.stack([ds[i][1] for i in range(n)]).astype(np.int32))
 
 
 def test_bf16_train_step_matches_fp32():
   from segnext_jax.model import init_variables, segnext
   variables = init_variables(segnext("t", **TINY, num_classes=6), jax.random.key(0))
-  batch = _synthetic_batch()
-  loss32, g32, stats32 = _loss_grads_stats(_model("fp32")[1], variables, batch)
-  cfg, model = _model("bf16")
-  loss16, g16, stats16 = _loss_grads_stats(model, variables, batch)
+  batch = tiny_train_batch()
+  key = jax.random.fold_in(jax.random.key(1), 0)  # train_step's stream at step 0
+  loss32, g32, stats32 = train_loss_grads(tiny_train_model("fp32")[1], variables, batch, key)
+  cfg, model = tiny_train_model("bf16")
+  loss16, g16, stats16 = train_loss_grads(model, variables, batch, key)
 
   # The real bf16 train step, traced (its types need no compile): NMF is handed bf16 features
   # (and computes in fp32, see nmf2d); everything the state and metrics hold stays fp32.
