@@ -198,16 +198,6 @@ def infer_model(sd: Mapping[str, np.ndarray],
   return base, sizes, num_classes
 
 
-def infer_config(sd: Mapping[str, np.ndarray]) -> tuple[str, int | None]:
-  """(variant, num_classes) of a released size; a custom size is an error here (`infer_model`
-  builds it on a base variant)."""
-  sizes, num_classes = infer_sizes(sd)
-  variant = released_variant(sizes)
-  if variant is None:
-    raise ConversionError(f"no SegNeXt variant has {describe_size(sizes)}")
-  return variant, num_classes
-
-
 def map_key(key: str, target: Mapping[tuple, Any]) -> tuple[tuple, Callable] | None:
   """torch key -> (flax path incl. collection, transform), using the target tree for the kind."""
   module, _, leaf = key.rpartition(".")

@@ -88,22 +88,25 @@ class StagedForward:
     return Lowered(list(done.values()))
 
   def _interceptor(self, run: Run) -> Callable:
+    policy = backend.policy()  # read once per forward, not per part
     def intercept(next_fun, args, kwargs, context):
       if context.method_name != "__call__" or not is_part(context.module):
         return next_fun(*args, **kwargs)
       leaves, tree = jax.tree.flatten((args, kwargs))
       arrays = [x for x in leaves if _is_array(x)]
       statics = tuple(_ARRAY if _is_array(x) else x for x in leaves)
-      program = self._program(context.module, tree, statics)
+      program = self._program(context.module, tree, statics, policy)
       return run(program, context.module.variables, arrays)
     return intercept
 
-  def _program(self, part: nn.Module, tree: Any, statics: tuple) -> Callable:
+  def _program(self, part: nn.Module, tree: Any, statics: tuple,
+               policy: backend.Policy) -> Callable:
     """The jitted program of a part: (variables, its array arguments) -> its output. Keyed by
-    the part's fields (its definition, not its name), its static arguments and the policy."""
+    the part's fields (its definition, not its name), its static arguments and the policy its
+    trace reads."""
     fields = tuple(getattr(part, f.name) for f in dataclasses.fields(part)
                    if f.name not in ("parent", "name"))
-    key = (type(part), fields, tree, statics, backend.policy())
+    key = (type(part), fields, tree, statics, policy)
     with _PROGRAMS_LOCK:
       if key not in _PROGRAMS:
         module = part.unbind()[0]

@@ -43,7 +43,7 @@ def shapes_only(variant: str) -> dict:
 @pytest.mark.parametrize("variant", ["t", "s", "b", "l"])
 def test_every_key_of_every_variant_maps(variant):
   sd = shapes_only(variant)
-  assert convert_map.infer_config(sd) == (variant, 150)
+  assert convert_map.infer_model(sd) == (variant, {}, 150)  # a released size: no overrides
   variables, ignored = convert_map.convert_state_dict(sd, abstract_variables(segnext(variant)))
   assert all(k.endswith("num_batches_tracked") for k in ignored)
   target = abstract_variables(segnext(variant))
