@@ -428,6 +428,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
       if stop.requested and pending is not None and saved != done:  # the step it was at
         saved = save(*pending)
   finally:
+    batch = None  # its shared memory is unlinked before close() returns, not at the exit
     bar.close()
     loader.close()
     with contextlib.suppress(Exception), faults.quiet_logs("absl", "asyncio"):

@@ -5,6 +5,8 @@ import contextlib
 import importlib
 import json
 import os
+import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -134,6 +136,32 @@ def tiny_variables():
   import jax
   from segnext_jax import init_variables, segnext
   return init_variables(segnext("t", **TINY), jax.random.key(0))
+
+
+@pytest.fixture
+def slow_shm_frees(monkeypatch) -> set:
+  """grain's background unlinks of worker batches take 0.3 s each (a loaded machine), and the
+  returned set collects the shared-memory names this process opened: a run that exits before
+  those unlinks are done leaves them to the resource tracker, which warns after its last line."""
+  from grain.multiprocessing import SharedMemoryArray
+  opened = set()
+  free, open_ = SharedMemoryArray.close_shm_async.__func__, SharedMemoryArray.from_metadata.__func__
+
+  def slow_free(cls, shm, unlink):
+    time.sleep(0.3)
+    free(cls, shm, unlink)
+
+  def recorded_open(cls, metadata):
+    opened.add(metadata.name.lstrip("/"))
+    return open_(cls, metadata)
+  monkeypatch.setattr(SharedMemoryArray, "close_shm_async", classmethod(slow_free))
+  monkeypatch.setattr(SharedMemoryArray, "from_metadata", classmethod(recorded_open))
+  return opened
+
+
+def shm_left(names: set) -> set:
+  """Those of `names` still in /dev/shm."""
+  return {n for n in names if (Path("/dev/shm") / n).exists()}
 
 
 CACHE_MAX_BYTES = 4 << 30  # a size limit turns on JAX's file lock: both xdist workers write here

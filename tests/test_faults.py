@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY, command
+from conftest import TINY, command, shm_left
 from segnext_jax import checkpoint, cli, faults, metric_writer, train_lib
 from segnext_jax.config import PRESETS, make_config
 from segnext_jax.data.datasets import Synthetic
@@ -75,9 +75,11 @@ def copy_run(src: Path, dst: Path, keep: tuple[int, ...]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # (1) signals
 
-def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, tmp_path, monkeypatch):
-  """SIGINT at step 4 (checkpoints every 10): step 4 is saved, exit 130; the resumed run ends
-  bit-identical to the uninterrupted one."""
+def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, tmp_path, monkeypatch,
+                                                                     slow_shm_frees):
+  """SIGINT at step 4 (checkpoints every 10): step 4 is saved, exit 130, and no worker batch's
+  shared memory is left to the exit (even with slow unlinks); the resumed run ends bit-identical
+  to the uninterrupted one."""
   wd = tmp_path / "run"
 
   class SignalAt4(metric_writer.MetricWriter):
@@ -90,6 +92,7 @@ def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, t
   with pytest.raises(faults.Stopped, match=r"SIGINT after step 4: saved .*checkpoints/4") as e:
     train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
   assert e.value.exit_code == 130
+  assert slow_shm_frees and not shm_left(slow_shm_frees)
   assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [4]
   monkeypatch.undo()
   resumed = train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)

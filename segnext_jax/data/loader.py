@@ -15,6 +15,7 @@ Workers are processes (no GIL between cv2 calls), so `workers` of them scale wit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -146,24 +147,42 @@ class TrainLoader:
 
   def __iter__(self) -> Iterator[tuple[int, Batch]]:
     while True:
-      if self._stop.is_set():
-        raise ValueError("TrainLoader: iterating after close()")
-      batch = self._ahead.get()
-      if isinstance(batch, BaseException):
-        raise batch
-      step, self.step = self.step, self.step + 1
-      yield step, batch
+      yield self._next()  # not held here: a batch is freed when its user drops it
+
+  def _next(self) -> tuple[int, Batch]:
+    if self._stop.is_set():
+      raise ValueError("TrainLoader: iterating after close()")
+    batch = self._ahead.get()
+    if isinstance(batch, BaseException):
+      raise batch
+    step, self.step = self.step, self.step + 1
+    return step, batch
 
   def close(self) -> None:
     """Stop and join the worker processes (idempotent; waits at most for the batch being
     collected: grain's iterators must not be closed under a next() in progress, it would never
     return). They are then dropped and collected while the interpreter is whole: left to its
-    exit, their __del__ runs close again on half torn-down modules ('Exception ignored')."""
+    exit, their __del__ runs close again on half torn-down modules ('Exception ignored').
+    Returns when the shared memory of every batch no longer referenced is unlinked: drop the
+    batches first."""
     self._stop.set()
     it, self._it = self._it, None
     if it is None:
       return
     self._thread.join(timeout=CLOSE_WAIT_S)
+    with contextlib.suppress(queue.Empty):
+      self._ahead.get_nowait()  # the batch collected ahead: no one will take it now
     it.close()
     del it
     gc.collect()
+    _wait_for_shm_frees()
+
+
+def _wait_for_shm_frees() -> None:
+  """Wait until grain's background thread has closed and unlinked every shared-memory batch
+  already released. A process that exits with one in that queue, or half done, leaves it to
+  the resource tracker, which warns about it on stderr after the run's last line."""
+  from grain.multiprocessing import SharedMemoryArray
+  pool = SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+  if pool is not None:
+    pool.apply(int)  # grain's pool has one thread, first in first out: earlier frees are done
