@@ -11,12 +11,13 @@ from types import ModuleType
 
 import pytest
 
-# XLA:CPU at LLVM -O0 for the suite: its programs compile ~2x faster and compute the same IEEE
-# results (no fast-math at any level); set before any backend starts, inherited by subprocesses.
-# SEGNEXT_TEST_XLA_OPT=default keeps XLA's own level (docs/testing.md).
+# XLA:CPU for the suite: LLVM at -O0, and fusions by the elemental emitter rather than the MLIR
+# fusion emitters; programs compile several times faster (a TINY gradient ~3x) and compute the
+# same IEEE results (no fast-math either way). Set before any backend starts, inherited by
+# subprocesses. SEGNEXT_TEST_XLA_OPT=default keeps XLA's own choices (docs/testing.md).
+SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("SEGNEXT_TEST_XLA_OPT", "0") != "default":
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                   "--xla_backend_optimization_level=0"]))
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *SUITE_XLA_FLAGS]))
 
 from segnext_jax.mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
                                  segmentor_state_dict)
