@@ -55,6 +55,10 @@ class TrainConfig:
   remat: bool = _f(False, "rematerialise MSCA blocks (less memory, ~30%% slower)")
   nmf_grad: NMFGrad = _f("unroll", "unroll (mmseg: backprop through NMF) | one_step (Hamburger's)")
   nmf_rank: int = _f(16, "NMF rank R (mmseg 1.x: 16)")
+  class_weight: tuple[float, ...] = _f((), "CrossEntropyLoss class_weight, one per class: "
+                                       "W0,W1,... or a file of them (none: unweighted)")
+  avg_non_ignore: bool = _f(False, "CrossEntropyLoss avg_non_ignore: average over the labelled "
+                            "pixels only")
   eval_mode: Literal["whole", "slide"] = _f(_ADE["eval_mode"], "validation inference mode")
   eval_crop: tuple[int, int] = _f(_ADE["eval_crop"], "slide window (eval_mode=slide)")
   eval_stride: tuple[int, int] = _f(_ADE["eval_stride"], "slide stride (eval_mode=slide)")
@@ -63,6 +67,8 @@ class TrainConfig:
   ckpt_every: int = _f(16_000, "checkpoint every N steps")
   keep_ckpts: int = _f(3, "checkpoints kept")
   log_every: int = _f(50, "log metrics every N steps")
+  save_best: str = _f("", "keep WORKDIR/best, the validated step with the highest METRIC: mIoU, "
+                      "mAcc, aAcc or IoU.<class name> (none: off)")
   workers: int = _f(min(8, max(1, (os.cpu_count() or 2) - 1)),
                     "worker processes that decode and augment training images (0: in the training "
                     "process, for debugging); each gives ~100 ADE20K 512x512 images/s per core")
@@ -72,7 +78,7 @@ class TrainConfig:
 # change them (and the step budget); any other difference from the saved config is refused.
 # `pretrained` only sets the initial weights, which a resumed run takes from its checkpoint.
 RUNTIME_FIELDS = ("steps", "workdir", "eval_every", "eval_images", "ckpt_every", "keep_ckpts",
-                  "log_every", "workers", "pretrained")
+                  "log_every", "workers", "pretrained", "save_best")
 
 # Named presets: the recipe table's rows (segnext_jax/recipes.py cites each source config).
 # 'ade20k' is the paper recipe itself; 'synthetic' is a few-minute CPU run.
@@ -115,7 +121,8 @@ def make_config(overlay: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
 def _coerce(name: str, typ: Any, value: Any) -> Any:
   origin = typing.get_origin(typ)
   if origin is tuple:
-    return tuple(int(v) for v in value)
+    item = typing.get_args(typ)[0]
+    return tuple(item(v) for v in value)
   if origin is Literal:
     if value not in typing.get_args(typ):
       raise ValueError(f"{name}={value!r}: expected one of {typing.get_args(typ)}")
@@ -130,7 +137,8 @@ def to_json(cfg: TrainConfig) -> str:
 
 
 def recipe_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-  """'field: saved -> now' for every recipe field that differs (runtime fields ignored)."""
-  now = json.loads(to_json(cfg))
-  return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in sorted(now)
-          if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+  """'field: saved -> now' for every recipe field that differs (runtime fields ignored; a field
+  the saved config predates had its default)."""
+  now, default = json.loads(to_json(cfg)), json.loads(to_json(TrainConfig()))
+  return [f"{k}: {saved.get(k, default[k])!r} -> {now[k]!r}" for k in sorted(now)
+          if k not in RUNTIME_FIELDS and saved.get(k, default[k]) != now[k]]

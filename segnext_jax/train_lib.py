@@ -18,7 +18,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax import checkpoint, faults
+from segnext_jax import best_checkpoint, checkpoint, faults
 from segnext_jax.config import TrainConfig, recipe_diff, to_json
 from segnext_jax.data.transforms import device_normalize
 from segnext_jax.metric_writer import MetricWriter
@@ -61,7 +61,8 @@ def create_train_state(cfg: TrainConfig, model: SegNeXt, variables: dict) -> Tra
 
 
 def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,
-               schedule: optax.Schedule) -> tuple[TrainState, dict]:
+               schedule: optax.Schedule, class_weight: tuple[float, ...] | None = None,
+               avg_non_ignore: bool = False) -> tuple[TrainState, dict]:
   """Forward (BN batch stats over the global batch), mmseg CE, backward, AdamW update.
 
   Randomness (DropPath/Dropout2d, NMF bases) is derived from (base_key, step), never stored.
@@ -78,7 +79,7 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *,
     logits, new = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, image,
                                  train=True, mutable=["batch_stats"],
                                  rngs={"dropout": k_drop, "nmf": k_nmf})
-    return seg_cross_entropy(logits, label), new["batch_stats"]
+    return seg_cross_entropy(logits, label, class_weight, avg_non_ignore), new["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   lr = schedule(state.step)
@@ -97,7 +98,8 @@ def make_mesh() -> jax.sharding.Mesh:
 def jit_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh):
   """train_step jitted over the mesh: batch sharded on 'data', state replicated, state donated."""
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step = functools.partial(train_step, schedule=lr_schedule(cfg))
+  step = functools.partial(train_step, schedule=lr_schedule(cfg),
+                           class_weight=cfg.class_weight or None, avg_non_ignore=cfg.avg_non_ignore)
   return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
 
 
@@ -153,16 +155,18 @@ def remove_unfinished(ckpt_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_space(workdir: Path, needed: int, saves: int) -> None:
+def check_space(workdir: Path, needed: int, saves: int, best: int = 0) -> None:
   """Before the first step: refuse when not even one checkpoint fits, warn when the `saves`
-  checkpoints the run will keep do not."""
+  checkpoints the run will keep (and its best checkpoint, `best` bytes) do not."""
   free = faults.free_bytes(workdir)
   if free < needed:
     raise faults.DiskFull(f"{workdir}: {faults.mb(free)} free, but one checkpoint needs "
                           f"~{faults.mb(needed)}; free space or use another --workdir")
-  if free < needed * saves:
-    log.warning("%s: %s free; the %d checkpoints this run keeps need ~%s (each ~%s)", workdir,
-                faults.mb(free), saves, faults.mb(needed * saves), faults.mb(needed))
+  total = needed * saves + best
+  if free < total:
+    log.warning("%s: %s free; the %d checkpoints this run keeps%s need ~%s (each ~%s)", workdir,
+                faults.mb(free), saves, " and its best" if best else "", faults.mb(total),
+                faults.mb(needed))
 
 
 def restore_latest(mngr, state: TrainState, steps: list[int], mesh: jax.sharding.Mesh) -> TrainState:
@@ -247,9 +251,42 @@ def validate_config(cfg: TrainConfig, devices: int, processes: int) -> None:
   if cfg.eval_mode == "slide" and any(s > c for s, c in zip(cfg.eval_stride, cfg.eval_crop)):
     raise ValueError(f"--eval-stride {cfg.eval_stride} is larger than --eval-crop {cfg.eval_crop}: "
                      "sliding windows would leave gaps")
+  if cfg.save_best:
+    best_checkpoint.check_metric(cfg.save_best)
   if cfg.warmup_steps > cfg.steps:
     log.warning("--warmup-steps %d is longer than the run (--steps %d): the lr never reaches --lr",
                 cfg.warmup_steps, cfg.steps)
+
+
+def check_data_settings(cfg: TrainConfig, dataset) -> None:
+  """Settings that name the data's classes: one weight per class, a --save-best class."""
+  if cfg.class_weight and len(cfg.class_weight) != dataset.num_classes:
+    raise ValueError(f"--class-weight has {len(cfg.class_weight)} weights, but {cfg.data} has "
+                     f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:3])}, ...)")
+  if cfg.save_best:
+    best_checkpoint.check_metric(cfg.save_best, list(dataset.class_names))
+
+
+def save_best(best: best_checkpoint.BestCheckpoint, step: int, value: float, state: TrainState,
+              meta: dict) -> None:
+  """`step` as WORKDIR/best if the disk has room (DiskFull naming what is intact otherwise)."""
+  needed = sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20
+  kept = (f"the best so far (step {best.step}) is intact" if best.step is not None else
+          "no best step saved yet")
+  full = lambda free: faults.DiskFull(
+      f"{best.dir}: no space for the best checkpoint of step {step} (needs ~{faults.mb(needed)}, "
+      f"{faults.mb(free)} free); {kept}; free space and re-run the same command to resume")
+  free = faults.free_bytes(best.dir.parent)
+  if free < needed:
+    raise full(free)
+  try:
+    with faults.quiet_logs("absl", "asyncio"):
+      best.save(step, value, state.variables(), meta)
+  except Exception as e:
+    if not faults.is_disk_full(e):
+      raise
+    remove_unfinished(best.dir / checkpoint.SUBDIR)
+    raise full(faults.free_bytes(best.dir.parent)) from None
 
 
 def check_finite(step: int, metrics: dict, cfg: TrainConfig, saved: int | None) -> None:
@@ -299,6 +336,7 @@ def train_and_evaluate(cfg: TrainConfig, stop_after: int | None = None, progress
         _acquire(lock)  # a second run on this workdir stops here, before the data check
     check_resumable(workdir, cfg)
     train_ds, val_ds = prepare_data(cfg)
+    check_data_settings(cfg, train_ds)
     if lead and lock.fd is None:
       _acquire(lock)
     try:
@@ -362,7 +400,13 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   needed = state_bytes(state) + 2**20  # + orbax's metadata; later: the last step's size on disk
   if steps:
     needed = max(needed, faults.tree_bytes(Path(mngr.directory) / str(start)))
-  check_space(workdir, needed, saves)
+  best = None
+  if cfg.save_best:
+    best = best_checkpoint.BestCheckpoint(workdir, cfg.save_best, cfg, resumed=bool(steps), lead=lead)
+    if best.step is not None:
+      log.info("best %s so far: %.2f at step %d (%s)", cfg.save_best, best.value, best.step, best.dir)
+  check_space(workdir, needed, saves, best=0 if best is None else
+              sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20)
   writer = MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(cfg, mesh)
   base_key = jax.random.key(cfg.seed + 1)
@@ -417,11 +461,19 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
           res = evaluate(segmenter, state.variables(), val_ds, cfg.eval_images, progress=False)
           history["eval"].append((done, res["mIoU"], res["aAcc"]))
           pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
-          writer.write(done, pct, prefix="val", extra={"IoU": {
-              n: (None if not np.isfinite(v) else 100 * float(v))
-              for n, v in zip(train_ds.class_names, res["IoU"])}})
+          iou = {n: (None if not np.isfinite(v) else 100 * float(v))
+                 for n, v in zip(train_ds.class_names, res["IoU"])}
+          scalars, extra, note = dict(pct), {"IoU": iou}, ""
+          if best is not None:
+            value = best_checkpoint.metric_value(cfg.save_best, pct, iou)
+            if best.beats(done, value):
+              save_best(best, done, value, state, meta)
+              note = f"  (new best {cfg.save_best}: {best.dir})"
+            if best.step is not None:
+              scalars[f"best_{cfg.save_best}"], extra["best_step"] = best.value, best.step
+          writer.write(done, scalars, prefix="val", extra=extra)
           bar.write(f"step {done}: val mIoU {pct['mIoU']:.2f}  aAcc {pct['aAcc']:.2f}  "
-                    f"mAcc {pct['mAcc']:.2f}  ({res['images']} images)")
+                    f"mAcc {pct['mAcc']:.2f}  ({res['images']} images){note}")
           bar.unpause()  # the rate and time left count training steps, not validation
         if done % cfg.ckpt_every == 0 or done == end:
           saved = save(done, metrics)
@@ -443,4 +495,8 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
           f"; the last checkpoint is step {saved}" if saved is not None else ""), stop.signum)
     raise faults.Stopped(f"{stop.name} after step {done}: saved {mngr.directory}/{done}; re-run "
                          "the same command to resume", stop.signum)
-  return {"state": state, "history": history}
+  out = {"state": state, "history": history}
+  if best is not None and best.step is not None:
+    out["best"] = {"metric": cfg.save_best, "value": best.value, "step": best.step,
+                   "dir": str(best.dir)}
+  return out

@@ -18,7 +18,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import typing
+from pathlib import Path
 from typing import Any
 
 from segnext_jax import cli
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     kw: dict = dict(default=None, help=f"{f.metadata.get('help', '')} ({_defaults(f.name, bare, paper)})")
     if typ is bool:
       kw.update(type=_bool, metavar="BOOL")
+    elif f.name == "class_weight":
+      kw.update(type=class_weights, metavar="W0,W1,...|FILE")
     elif typing.get_origin(typ) is tuple:
       kw.update(type=int, nargs=2, metavar=("LONG", "SHORT") if f.name == "resize_scale" else ("H", "W"))
     elif typing.get_origin(typ) is typing.Literal:
@@ -70,6 +74,27 @@ def _bool(s: str) -> bool:
   if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
   return s.lower() in ("1", "true", "yes")
+
+
+def class_weights(text: str) -> tuple[float, ...]:
+  """--class-weight: comma-separated weights, or a file of them (commas, spaces or one per line);
+  each finite and not negative, not all zero."""
+  source = text
+  if Path(text).is_file():
+    source = Path(text).read_text()
+  elif not any(c.isdigit() for c in text):
+    raise argparse.ArgumentTypeError(f"{text!r}: neither a file nor comma-separated weights")
+  parts = [t for t in source.replace(",", " ").split() if t]
+  try:
+    weights = tuple(float(t) for t in parts)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+  bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
+  if not weights or bad or not any(weights):
+    raise argparse.ArgumentTypeError(
+        f"{text}: " + (f"{bad[0]} is not a weight (finite, 0 or more)" if bad else
+                       "no positive weight"))
+  return weights
 
 
 def resolve(argv=None) -> tuple[TrainConfig, bool, str | None]:
@@ -117,6 +142,9 @@ def _main(argv=None) -> int:
   elif result["history"]["eval"]:
     step, miou, aacc = result["history"]["eval"][-1]
     print(f"final (step {step}): val mIoU {100 * miou:.2f}, aAcc {100 * aacc:.2f}; workdir {cfg.workdir}")
+  if result.get("best"):
+    b = result["best"]
+    print(f"best {b['metric']} {b['value']:.2f} at step {b['step']}: {b['dir']}")
   return 0
 
 
