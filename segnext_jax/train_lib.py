@@ -390,6 +390,11 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
     return {"state": state, "history": history, "nothing_to_do": (
         f"{workdir} is already at step {start} (--steps {cfg.steps}): nothing to do; raise "
         "--steps to train further")}
+  best = None
+  if cfg.save_best:  # before config.json: another metric's best/ is refused with nothing written
+    best = best_checkpoint.BestCheckpoint(workdir, cfg.save_best, cfg, resumed=bool(steps), lead=lead)
+    if best.step is not None:
+      log.info("best %s so far: %.2f at step %d (%s)", cfg.save_best, best.value, best.step, best.dir)
   if lead:
     (workdir / "config.json").write_text(to_json(cfg))
   log.info("%s on %s: SegNeXt-%s, steps %d-%d of batch %d at crop %d, %s; workdir %s", "resumed" if steps
@@ -400,11 +405,6 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   needed = state_bytes(state) + 2**20  # + orbax's metadata; later: the last step's size on disk
   if steps:
     needed = max(needed, faults.tree_bytes(Path(mngr.directory) / str(start)))
-  best = None
-  if cfg.save_best:
-    best = best_checkpoint.BestCheckpoint(workdir, cfg.save_best, cfg, resumed=bool(steps), lead=lead)
-    if best.step is not None:
-      log.info("best %s so far: %.2f at step %d (%s)", cfg.save_best, best.value, best.step, best.dir)
   check_space(workdir, needed, saves, best=0 if best is None else
               sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20)
   writer = MetricWriter(workdir, start, enabled=lead)

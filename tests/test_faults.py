@@ -262,12 +262,44 @@ def test_second_run_on_a_locked_workdir_stops_naming_the_holder(tmp_path, capsys
     (["--crop-size=16"], "--crop-size 16: must be at least 32"),
     (["--resize-scale", "0", "64"], "--resize-scale 0 64: must be positive"),
     (["--ckpt-every=0"], "--ckpt-every 0: must be at least 1"),
+    (["--save-best=bogus"], "--save-best 'bogus': expected one of mIoU, mAcc, aAcc or IoU.<class"),
+    (["--save-best=IoU.nope"], "--save-best IoU.nope: the data has no class 'nope' (classes: "),
+    (["--class-weight=1,2"], "--class-weight has 2 weights, but synthetic has 6 classes"),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, capsys, flags, needle):
   wd = tmp_path / "run"
   assert command("train").main([*TRAIN_FLAGS, f"--workdir={wd}", *flags]) == 2
   one_error_line(capsys.readouterr().err, needle)
   assert not wd.exists()
+
+
+def test_class_weights_from_a_file_are_recorded_and_part_of_the_recipe(tmp_path, capsys):
+  """One weight per line (or commas/spaces) in a file; config.json records the numbers, so a
+  resume with other weights is refused; a config.json that predates the loss options resumes.
+  A value that is not a list of weights is argparse's error, naming the flag and the value."""
+  from segnext_jax.cli.train import resolve
+  for value, needle in [("1,-2,1,1,1,1", "1,-2,1,1,1,1: -2.0 is not a weight (finite, 0 or more)"),
+                        ("0,0,0,0,0,0", "0,0,0,0,0,0: no positive weight"),
+                        ("1,x", "1,x: could not convert string to float: 'x'"),
+                        ("w.txt", "'w.txt': neither a file nor comma-separated weights")]:
+    with pytest.raises(SystemExit) as e:
+      resolve([*TRAIN_FLAGS, "--class-weight", value])
+    assert e.value.code == 2
+    line = one_error_line(capsys.readouterr().err, "argument --class-weight/--class_weight: ")
+    assert line.endswith(needle), line
+  from segnext_jax.config import recipe_diff, to_json
+  (tmp_path / "w.txt").write_text("1\n2.5\n1, 1\n0.5 3\n")
+  cfg = resolve([*TRAIN_FLAGS, "--class-weight", str(tmp_path / "w.txt")])[0]
+  assert cfg.class_weight == (1.0, 2.5, 1.0, 1.0, 0.5, 3.0) and not cfg.avg_non_ignore
+  saved = json.loads(to_json(cfg))
+  assert saved["class_weight"] == [1.0, 2.5, 1.0, 1.0, 0.5, 3.0] and recipe_diff(saved, cfg) == []
+  plain = resolve(TRAIN_FLAGS)[0]
+  assert recipe_diff(saved, plain) == ["class_weight: [1.0, 2.5, 1.0, 1.0, 0.5, 3.0] -> []"]
+  older = {k: v for k, v in json.loads(to_json(plain)).items()
+           if k not in ("class_weight", "avg_non_ignore", "save_best")}
+  assert recipe_diff(older, plain) == []
+  assert recipe_diff(older, resolve([*TRAIN_FLAGS, "--avg-non-ignore=true"])[0]) == [
+      "avg_non_ignore: False -> True"]
 
 
 def test_settings_against_devices_and_warmup_warning(tmp_path, caplog):

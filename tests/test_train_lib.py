@@ -104,6 +104,30 @@ def test_loss_decreases_on_a_fixed_batch():
   assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * losses[0], losses
 
 
+def test_the_train_step_takes_the_loss_options_of_the_config(monkeypatch):
+  """--class-weight and --avg-non-ignore reach the step's loss (traced, not compiled; the loss
+  itself is checked against mmseg in test_loss)."""
+  from segnext_jax import train_lib
+  from segnext_jax.model import abstract_variables
+  seen = []
+  real = train_lib.seg_cross_entropy
+
+  def recorded(logits, labels, class_weight=None, avg_non_ignore=False):
+    seen.append((class_weight, avg_non_ignore))
+    return real(logits, labels, class_weight, avg_non_ignore)
+  monkeypatch.setattr(train_lib, "seg_cross_entropy", recorded)
+  batch = jax.eval_shape(lambda: _uint8_batch(2))
+  for kw, want in [({}, (None, False)),
+                   (dict(class_weight=(1, 2, 3, 4, 5, 6), avg_non_ignore=True),
+                    ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0), True))]:
+    cfg = make_config(PRESETS["synthetic"], dict(TINY_RUN, steps=4, **kw))
+    model = train_lib.build_model(cfg, 6)
+    state = jax.eval_shape(lambda v: train_lib.create_train_state(cfg, model, v),
+                           abstract_variables(model))
+    train_lib.jit_train_step(cfg, train_lib.make_mesh()).lower(state, batch, jax.random.key(1))
+    assert seen.pop() == want
+
+
 def test_resume_is_exact(tmp_path):
   straight = train_and_evaluate(_tiny_cfg(tmp_path / "a"), progress=False)
   losses = [l for _, l in straight["history"]["loss"]]
