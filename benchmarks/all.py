@@ -42,6 +42,7 @@ python benchmarks/eval_throughput.py  # eval.py's evaluate on 10 ADE-sized image
 python benchmarks/op_profile.py       # where a step's time goes, per model part (jax.profiler + HLO)
 python benchmarks/depthwise.py        # each depthwise impl against torch (docs/backends.md)
 python benchmarks/export_latency.py   # ONNX (onnxruntime) and StableHLO next to JAX (docs/deploy.md)
+python benchmarks/loss.py             # the decode-head loss alone, chunked/plain, class weights, vs mmseg
 python benchmarks/gpu.py              # on a GPU machine: the one-call GPU table (docs/performance.md)
 ```
 
