@@ -1,6 +1,8 @@
 """SegNeXt = MSCAN backbone + LightHamHead (paper Fig. 2/3); the variant table of the paper."""
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -74,6 +76,7 @@ def segnext(variant: str = "t", **overrides: Any) -> SegNeXt:
   key = variant.lower()
   if key not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}  # JSON's
   return SegNeXt(**{**VARIANTS[key], **overrides})
 
 
@@ -81,9 +84,19 @@ def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] =
   """Random `{'params', 'batch_stats', 'nmf_bases'}` for `model` (shapes do not depend on
   image_size; 'nmf_bases' are the fixed inference bases drawn from `key`)."""
   k1, k2 = jax.random.split(key)
+  try:
+    init = _init_program(model, tuple(image_size))
+  except TypeError:  # a module with unhashable attributes (lists): not kept
+    init = _init_program.__wrapped__(model, tuple(image_size))
+  return dict(init(k1, k2))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(model: SegNeXt, image_size: tuple[int, int]):
+  """The jitted init of `model` (kept per process: a second init traces nothing)."""
   x = jnp.zeros((1, *image_size, 3), jnp.float32)
   fast = model.clone(dw_impl="lax", remat=False)  # same variables; compiles several times faster
-  return dict(jax.jit(lambda a, b: fast.init({"params": a, "nmf": b}, x, train=False))(k1, k2))
+  return jax.jit(lambda a, b: fast.init({"params": a, "nmf": b}, x, train=False))
 
 
 def fixed_bases(model: SegNeXt, seed: int) -> dict:

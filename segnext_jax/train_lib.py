@@ -19,7 +19,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segnext_jax import best_checkpoint, checkpoint, faults
-from segnext_jax.config import TrainConfig, recipe_diff, to_json
+from segnext_jax.config import RUNTIME_FIELDS, TrainConfig, recipe_diff, to_json
 from segnext_jax.data.transforms import device_normalize
 from segnext_jax.metric_writer import MetricWriter
 from segnext_jax.loss import seg_cross_entropy
@@ -40,10 +40,30 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats, "nmf_bases": self.nmf_bases}
 
 
+# A run's static parts (the model, the optimizer, the jitted step) belong to the process, keyed
+# by the recipe: a second run of it here (a notebook, a resume after a signal, the tests) hands
+# jax the same objects, so its in-memory caches hit and nothing is traced, lowered or loaded again.
+_SHARED: dict[tuple, Any] = {}
+SHARED_MAX = 16  # recipes kept; the oldest goes first
+
+
+def _shared(kind: str, cfg: TrainConfig, *key: Any, make) -> Any:
+  """The process's `kind` part for cfg's recipe (and `key`), made by make() the first time."""
+  saved = json.loads(to_json(cfg))
+  recipe = json.dumps({k: v for k, v in saved.items() if k == "steps" or k not in RUNTIME_FIELDS},
+                      sort_keys=True)
+  full = (kind, recipe, *key)
+  if full not in _SHARED:
+    while len(_SHARED) >= SHARED_MAX:
+      _SHARED.pop(next(iter(_SHARED)))
+    _SHARED[full] = make()
+  return _SHARED[full]
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> SegNeXt:
-  return segnext(cfg.variant, **model_kwargs(cfg, num_classes), remat=cfg.remat,
-                 nmf_grad=cfg.nmf_grad,
-                 dtype=jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32)
+  return _shared("model", cfg, num_classes, make=lambda: segnext(
+      cfg.variant, **model_kwargs(cfg, num_classes), remat=cfg.remat, nmf_grad=cfg.nmf_grad,
+      dtype=jnp.bfloat16 if cfg.precision == "bf16" else jnp.float32))
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
@@ -54,8 +74,9 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 def create_train_state(cfg: TrainConfig, model: SegNeXt, variables: dict) -> TrainState:
   """A fresh state; its step is a plain int32 (not flax's weakly typed 0), as a restored one is,
   so a fresh run and its resumption compile the same step program (one compile-cache entry)."""
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            tx=make_optimizer(cfg, variables["params"]),
+  tx = _shared("optimizer", cfg, jax.tree.structure(variables["params"]),
+               make=lambda: make_optimizer(cfg, variables["params"]))
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=variables["batch_stats"], nmf_bases=variables["nmf_bases"])
   return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -97,10 +118,14 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def jit_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh):
   """train_step jitted over the mesh: batch sharded on 'data', state replicated, state donated."""
-  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step = functools.partial(train_step, schedule=lr_schedule(cfg),
-                           class_weight=cfg.class_weight or None, avg_non_ignore=cfg.avg_non_ignore)
-  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+  def make():
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = functools.partial(train_step, schedule=lr_schedule(cfg), class_weight=cfg.class_weight
+                             or None, avg_non_ignore=cfg.avg_non_ignore)
+    return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                   donate_argnums=0)
+  from segnext_jax import backend
+  return _shared("step", cfg, mesh, backend.policy(), make=make)  # the policy shapes the trace
 
 
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:

@@ -45,22 +45,25 @@ def test_bf16_train_step_matches_fp32():
     assert leaf.dtype in (jnp.float32, jnp.int32, jnp.bool_), leaf.dtype  # bool: the finite flag
 
   assert abs(loss16 - loss32) <= LOSS_RTOL * loss32, (loss16, loss32)
-  flat = lambda g: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)])
-  errs, total = {}, float(jnp.linalg.norm(flat(g32)))
-  for path, b in traverse_util.flatten_dict(g32).items():
-    a = traverse_util.flatten_dict(g16)[path]
-    assert a.dtype == jnp.float32
-    if float(jnp.linalg.norm(b)) < 1e-6 * total:
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
+  # compared in float64 numpy: eager jnp ops here would each compile a small program
+  g32, g16, stats32, stats16 = (traverse_util.flatten_dict(jax.tree.map(
+      lambda x: np.asarray(x, np.float64), t)) for t in (g32, g16, stats32, stats16))
+  flat = lambda g: np.concatenate([np.ravel(x) for x in g.values()])
+  errs, total = {}, float(np.linalg.norm(flat(g32)))
+  for path, b in g32.items():
+    a = g16[path]
+    if float(np.linalg.norm(b)) < 1e-6 * total:
       continue  # a bias before a train-mode BN or GN: true gradient 0, both rounding noise
-    errs["/".join(path)] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  cos = float(flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32))))
+    errs["/".join(path)] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+  cos = float(flat(g16) @ flat(g32) / (np.linalg.norm(flat(g16)) * np.linalg.norm(flat(g32))))
   # BN statistics: the error of a running mean in units of the running std, of a variance relative
   stats = []
-  for path, b in traverse_util.flatten_dict(stats32).items():
-    a = traverse_util.flatten_dict(stats16)[path]
-    ref = traverse_util.flatten_dict(stats32)[(*path[:-1], "var")]
-    unit = jnp.sqrt(ref) if path[-1] == "mean" else ref
-    stats.append(float(jnp.max(jnp.abs(a - b) / unit)))
+  for path, b in stats32.items():
+    a = stats16[path]
+    ref = stats32[(*path[:-1], "var")]
+    unit = np.sqrt(ref) if path[-1] == "mean" else ref
+    stats.append(float(np.max(np.abs(a - b) / unit)))
   errs, worst = list(errs.values()), max(errs, key=errs.get)
   print(f"bf16 vs fp32: loss rel err {abs(loss16 - loss32) / loss32:.2e}; gradients max rel err "
         f"{max(errs):.2e} at {worst} (median {np.median(errs):.2e}), cosine {cos:.5f}; BN stats max "

@@ -116,6 +116,7 @@ def test_the_train_step_takes_the_loss_options_of_the_config(monkeypatch):
     seen.append((class_weight, avg_non_ignore))
     return real(logits, labels, class_weight, avg_non_ignore)
   monkeypatch.setattr(train_lib, "seg_cross_entropy", recorded)
+  jax.clear_caches()  # an earlier run of the same recipe in this process: traced again here
   batch = jax.eval_shape(lambda: _uint8_batch(2))
   for kw, want in [({}, (None, False)),
                    (dict(class_weight=(1, 2, 3, 4, 5, 6), avg_non_ignore=True),
