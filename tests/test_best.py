@@ -57,7 +57,7 @@ def assert_best_holds_step(workdir, step: int) -> None:
 
 def test_best_across_a_signal_and_resume_is_the_highest_and_evaluates_to_it(tmp_path, monkeypatch,
                                                                             capsys):
-  """SIGINT at step 7, then the same run resumed to step 20 (validation every 2 steps): best/
+  """SIGTERM at step 7, then the same run resumed to step 20 (validation every 2 steps): best/
   holds the step with the highest val mIoU of metrics.jsonl, its metadata records it, and eval.py
   on best/ gives that mIoU."""
   wd = tmp_path / "run"
@@ -66,10 +66,10 @@ def test_best_across_a_signal_and_resume_is_the_highest_and_evaluates_to_it(tmp_
     def write(self, step, scalars, **kw):
       super().write(step, scalars, **kw)
       if step == 7 and kw.get("prefix", "train") == "train":
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (main) thread: saves step 7
 
   monkeypatch.setattr(train_lib, "MetricWriter", SignalAt7)
-  with pytest.raises(faults.Stopped, match="after step 7"):
+  with pytest.raises(faults.Stopped, match="SIGTERM after step 7"):
     train_lib.train_and_evaluate(cfg(wd, ckpt_every=10), progress=False)
   before = assert_running_best(val_records(wd))
   assert best_meta(wd)["best_step"] == before[0] <= 6
