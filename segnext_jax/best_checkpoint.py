@@ -58,20 +58,29 @@ class BestCheckpoint:
     self.metric, self.lead = metric, lead
     self.value: float | None = None
     self.step: int | None = None
+    self._check_metric()  # every process: each stops with the one line, none waits for the lead
+    _barrier("segnext best checkpoint checked")
     if lead:
       self._recover(cfg, resumed)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("segnext best checkpoint recovered")
+    _barrier("segnext best checkpoint recovered")
     steps = checkpoint.complete_steps(self.dir)
     if steps:
       best = checkpoint.read_meta(self.dir, steps[-1])["best"]
       self.value, self.step = float(best["value"]), int(best["step"])
 
+  def _check_metric(self) -> None:
+    """Refuse (one line) a best/ kept for another metric; reads only."""
+    for s in checkpoint.complete_steps(self.dir):
+      kept = checkpoint.read_meta(self.dir, s)["best"]
+      if kept["metric"] != self.metric:
+        raise ValueError(f"{self.dir} keeps the best {kept['metric']} (step {kept['step']}); "
+                         f"--save-best {self.metric} would replace it: move it aside or use "
+                         f"--save-best {kept['metric']}")
+
   def _recover(self, cfg: TrainConfig, resumed: bool) -> None:
     """Keep one complete best step (a kill between a save and the old step's removal leaves two;
-    an unfinished save leaves a temporary directory); refuse another metric; set aside the best
-    of a different recipe when a run starts afresh in this workdir."""
+    an unfinished save leaves a temporary directory); set aside the best of a different recipe
+    when a run starts afresh in this workdir."""
     if not self.dir.exists():
       return
     checkpoint.clean_unfinished(self.dir, ("model", "meta"))
@@ -80,11 +89,6 @@ class BestCheckpoint:
       return
     metas = {s: checkpoint.read_meta(self.dir, s) for s in steps}
     top = max(steps, key=lambda s: metas[s]["best"]["value"])  # a save is only ever a higher value
-    kept = metas[top]["best"]
-    if kept["metric"] != self.metric:
-      raise ValueError(f"{self.dir} keeps the best {kept['metric']} (step {kept['step']}); "
-                       f"--save-best {self.metric} would replace it: move it aside or use "
-                       f"--save-best {kept['metric']}")
     diff = [] if resumed else recipe_diff(metas[top].get("config", {}), cfg)
     if diff:
       aside = _free_name(self.dir.with_name(f"{DIR}.previous"))
@@ -114,6 +118,13 @@ class BestCheckpoint:
         if s != step:
           shutil.rmtree(self.dir / checkpoint.SUBDIR / str(s))
     self.value, self.step = value, step
+
+
+def _barrier(name: str) -> None:
+  """All processes of a multi-process run meet here (nothing to do in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _free_name(path: Path) -> Path:

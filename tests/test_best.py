@@ -133,6 +133,8 @@ def test_best_survives_a_kill_and_only_a_higher_value_replaces_it(tmp_path, monk
   assert checkpoint.complete_steps(wd / "best") == [16]
   assert_best_holds_step(wd, 16)
 
+  with pytest.raises(ValueError, match="keeps the best mIoU"):  # in every process, lead or not
+    best_checkpoint.BestCheckpoint(wd, "aAcc", cfg(wd), resumed=True, lead=False)
   capsys.readouterr()
   argv = ["--config", str(wd / "config.json"), "--steps", "22", "--save-best", "aAcc"]
   assert command("train").main(argv) == 2
