@@ -276,17 +276,18 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, capsys, flags, n
 def test_class_weights_from_a_file_are_recorded_and_part_of_the_recipe(tmp_path, capsys):
   """One weight per line (or commas/spaces) in a file; config.json records the numbers, so a
   resume with other weights is refused; a config.json that predates the loss options resumes.
-  A value that is not a list of weights is argparse's error, naming the flag and the value."""
+  A value that is not a list of weights is one line naming the flag and the value, status 2, as
+  any command line the parser cannot take."""
   from segnext_jax.cli.train import resolve
   for value, needle in [("1,-2,1,1,1,1", "1,-2,1,1,1,1: -2.0 is not a weight (finite, 0 or more)"),
                         ("0,0,0,0,0,0", "0,0,0,0,0,0: no positive weight"),
                         ("1,x", "1,x: could not convert string to float: 'x'"),
                         ("w.txt", "'w.txt': neither a file nor comma-separated weights")]:
-    with pytest.raises(SystemExit) as e:
-      resolve([*TRAIN_FLAGS, "--class-weight", value])
-    assert e.value.code == 2
-    line = one_error_line(capsys.readouterr().err, "argument --class-weight/--class_weight: ")
-    assert line.endswith(needle), line
+    assert command("train").main([*TRAIN_FLAGS, "--class-weight", value]) == 2
+    line = one_error_line(capsys.readouterr().err, "error: argument --class-weight/--class_weight: ")
+    assert line.endswith(f"{needle} (see {Path(sys.argv[0]).name} --help)"), line
+  assert command("eval").main(["ckpt", "--no-such-flag"]) == 2
+  one_error_line(capsys.readouterr().err, "error: unrecognized arguments: --no-such-flag (see ")
   from segnext_jax.config import recipe_diff, to_json
   (tmp_path / "w.txt").write_text("1\n2.5\n1, 1\n0.5 3\n")
   cfg = resolve([*TRAIN_FLAGS, "--class-weight", str(tmp_path / "w.txt")])[0]

@@ -34,10 +34,20 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
   return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
+class UsageError(ValueError):
+  """A command line the parser cannot take (an unknown flag, a bad value): one line, status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):
+    """argparse's usage dump and exit, as the one line every other bad input gets."""
+    raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
-  """The command's parser: its module docstring as the description, shown as written."""
-  return argparse.ArgumentParser(prog=prog, description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  """The command's parser: its module docstring as the description, shown as written; a bad
+  command line raises UsageError (cli.run: one line, exit status 2)."""
+  return _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def enable_compile_cache(path: str | None = None) -> None:
