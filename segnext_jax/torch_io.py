@@ -52,13 +52,17 @@ def sniff(path: Path) -> str | None:
 
 def load_torch(path: Path, trust_pickle: bool = False):
   """torch.load with weights_only=True; full unpickling only when explicitly trusted, and only
-  suggested for a readable pickle that stores non-tensor objects."""
-  import torch  # conversion-only dependency
+  suggested for a readable pickle that stores non-tensor objects. Without torch installed:
+  pth_reader's allow-list reader (zip checkpoints, tensors as numpy, nothing in the file called)."""
   if not path.exists():
     raise ConversionError(f"{path}: no such file")
   why = sniff(path)
   if why:
     raise ConversionError(f"{path}: not a readable torch checkpoint ({why})")
+  try:
+    import torch  # optional: the `convert` extra
+  except ImportError:
+    return _read_without_torch(path)
   try:
     return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
@@ -73,6 +77,17 @@ def load_torch(path: Path, trust_pickle: bool = False):
   except Exception as e:  # torch.load raises many types on garbage (IndexError, RuntimeError, ...)
     raise ConversionError(f"{path}: not a readable torch checkpoint (damaged or truncated: "
                           f"{_first_line(e)})") from None
+
+
+def _read_without_torch(path: Path):
+  from segnext_jax import pth_reader
+  if not zipfile.is_zipfile(path):
+    raise ConversionError(f"{path}: saved in torch's pre-1.6 format, which only torch reads: "
+                          "pip install -e .[convert]")
+  try:
+    return pth_reader.read(path)
+  except pth_reader.PthError as e:
+    raise ConversionError(str(e)) from None
 
 
 def _global(e: Exception) -> str:

@@ -32,6 +32,7 @@ HEAVY_FIRST = ["test_faults.py", "test_topology.py", "test_eval_lib.py", "test_e
                "test_eval_tta.py", "test_convert.py", "test_parity.py", "test_staged.py",
                "test_inference_cli.py", "test_cli.py", "test_loader.py", "test_padding.py",
                "test_finetune.py", "test_backend.py", "test_gradcheck.py", "test_loss.py",
+               "test_pth_reader.py",
                "test_data_pascal.py"]
 
 

@@ -1,6 +1,6 @@
 """Convert an mmseg 1.x / official SegNeXt torch checkpoint to a segnext-jax orbax checkpoint.
 
-  python convert/from_torch.py segnext_mscan-t_...pth -o converted/segnext_t   # needs: .[convert]
+  python convert/from_torch.py segnext_mscan-t_...pth -o converted/segnext_t   # torch not needed
 Infers variant and num_classes from tensor shapes (a custom size, embed_dims / depths / head
 channels of no released variant, is built on --variant, default t, with those sizes); fails with
 one line naming any missing, unexpected or mis-shaped tensor, and then writes nothing. A .pth
