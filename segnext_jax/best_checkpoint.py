@@ -96,9 +96,7 @@ class BestCheckpoint:
       log.warning("%s is the best of another recipe (%s); kept as %s", self.dir, "; ".join(diff),
                   aside.name)
       return
-    for s in steps:
-      if s != top:
-        shutil.rmtree(self.dir / checkpoint.SUBDIR / str(s))
+    self._keep_only(top)
 
   def beats(self, step: int, value: float) -> bool:
     """Whether `step`'s value is a new best: higher than the recorded one (NaN never is; a step
@@ -114,10 +112,13 @@ class BestCheckpoint:
     with checkpoint.manager(self.dir, create=True, async_save=False) as mngr:
       checkpoint.save(mngr, step, variables, meta)
     if self.lead:
-      for s in checkpoint.complete_steps(self.dir):
-        if s != step:
-          shutil.rmtree(self.dir / checkpoint.SUBDIR / str(s))
+      self._keep_only(step)
     self.value, self.step = value, step
+
+  def _keep_only(self, step: int) -> None:
+    for s in checkpoint.complete_steps(self.dir):
+      if s != step:
+        shutil.rmtree(self.dir / checkpoint.SUBDIR / str(s))
 
 
 def _barrier(name: str) -> None:

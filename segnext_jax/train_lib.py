@@ -9,7 +9,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -145,31 +145,47 @@ def save_state(mngr, state: TrainState, meta: dict) -> None:
                   opt={"opt_state": state.opt_state, "step": state.step})
 
 
+def model_bytes(state: TrainState) -> int:
+  """Bytes of a model-only checkpoint (variables; + orbax's metadata): WORKDIR/best's steps."""
+  return sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20
+
+
 def state_bytes(state: TrainState) -> int:
   """Bytes of what a checkpoint stores (variables, optimizer state)."""
   return sum(x.nbytes for x in jax.tree.leaves((state.variables(), state.opt_state)))
 
 
 def save_checked(mngr, state: TrainState, meta: dict, step: int, needed: int) -> None:
-  """Save `step` if the disk has room for it (DiskFull before writing anything otherwise); a
-  write that still fails for space is DiskFull too, its unfinished entry removed."""
+  """Save `step` as write_checked does (DiskFull naming the saved steps that are intact)."""
   ckpt_dir = Path(mngr.directory)
-  free = faults.free_bytes(ckpt_dir)
   saved = checkpoint.complete_steps(ckpt_dir.parent, RUN_ITEMS)
   intact = f"saved steps {', '.join(map(str, saved))} are intact" if saved else "no step saved yet"
+
+  def settle():
+    with contextlib.suppress(Exception), faults.quiet_logs("absl", "asyncio"):
+      mngr.wait_until_finished()  # orbax's writer threads, before removing what they wrote
+  write_checked(ckpt_dir, f"the checkpoint of step {step}", needed, intact,
+                lambda: save_state(mngr, state, meta), settle)
+
+
+def write_checked(ckpt_dir: Path, what: str, needed: int, intact: str, write: Callable[[], None],
+                  settle: Callable[[], None] = lambda: None) -> None:
+  """write() into ckpt_dir if the disk has room for `needed` bytes (DiskFull before writing
+  anything otherwise); a write that still fails for space is DiskFull too: settle() (writer
+  threads), then its unfinished entries are removed. The one line names `what` and `intact`."""
   full = lambda free: faults.DiskFull(
-      f"{ckpt_dir}: no space for the checkpoint of step {step} (needs ~{faults.mb(needed)}, "
-      f"{faults.mb(free)} free); {intact}; free space and re-run the same command to resume")
+      f"{ckpt_dir}: no space for {what} (needs ~{faults.mb(needed)}, {faults.mb(free)} free); "
+      f"{intact}; free space and re-run the same command to resume")
+  free = faults.free_bytes(ckpt_dir)
   if free < needed:
     raise full(free)
   try:
     with faults.quiet_logs("absl", "asyncio"):
-      save_state(mngr, state, meta)
+      write()
   except Exception as e:
     if not faults.is_disk_full(e):
       raise
-    with contextlib.suppress(Exception), faults.quiet_logs("absl", "asyncio"):
-      mngr.wait_until_finished()  # orbax's writer threads, before removing what they wrote
+    settle()
     remove_unfinished(ckpt_dir)
     raise full(faults.free_bytes(ckpt_dir)) from None
 
@@ -294,24 +310,11 @@ def check_data_settings(cfg: TrainConfig, dataset) -> None:
 
 def save_best(best: best_checkpoint.BestCheckpoint, step: int, value: float, state: TrainState,
               meta: dict) -> None:
-  """`step` as WORKDIR/best if the disk has room (DiskFull naming what is intact otherwise)."""
-  needed = sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20
+  """`step` as WORKDIR/best, as write_checked does (DiskFull naming the best that is intact)."""
   kept = (f"the best so far (step {best.step}) is intact" if best.step is not None else
           "no best step saved yet")
-  full = lambda free: faults.DiskFull(
-      f"{best.dir}: no space for the best checkpoint of step {step} (needs ~{faults.mb(needed)}, "
-      f"{faults.mb(free)} free); {kept}; free space and re-run the same command to resume")
-  free = faults.free_bytes(best.dir.parent)
-  if free < needed:
-    raise full(free)
-  try:
-    with faults.quiet_logs("absl", "asyncio"):
-      best.save(step, value, state.variables(), meta)
-  except Exception as e:
-    if not faults.is_disk_full(e):
-      raise
-    remove_unfinished(best.dir / checkpoint.SUBDIR)
-    raise full(faults.free_bytes(best.dir.parent)) from None
+  write_checked(best.dir / checkpoint.SUBDIR, f"the best checkpoint of step {step}",
+                model_bytes(state), kept, lambda: best.save(step, value, state.variables(), meta))
 
 
 def check_finite(step: int, metrics: dict, cfg: TrainConfig, saved: int | None) -> None:
@@ -430,8 +433,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   needed = state_bytes(state) + 2**20  # + orbax's metadata; later: the last step's size on disk
   if steps:
     needed = max(needed, faults.tree_bytes(Path(mngr.directory) / str(start)))
-  check_space(workdir, needed, saves, best=0 if best is None else
-              sum(x.nbytes for x in jax.tree.leaves(state.variables())) + 2**20)
+  check_space(workdir, needed, saves, best=0 if best is None else model_bytes(state))
   writer = MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(cfg, mesh)
   base_key = jax.random.key(cfg.seed + 1)

@@ -187,7 +187,7 @@ def test_a_best_that_does_not_fit_is_one_line_naming_what_is_intact(tmp_path, mo
 
   best = best_checkpoint.BestCheckpoint(tmp_path, "mIoU", cfg(tmp_path), resumed=False, lead=True)
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 20)
-  with pytest.raises(faults.DiskFull, match=r"best: no space for the best checkpoint of step 6 "
+  with pytest.raises(faults.DiskFull, match=r"best/checkpoints: no space for the best checkpoint of step 6 "
                      r"\(needs ~2.0 MB, 1.0 MB free\); no best step saved yet; free space"):
     train_lib.save_best(best, 6, 50.0, State(), {})
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 40)
