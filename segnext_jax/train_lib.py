@@ -18,7 +18,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax import best_checkpoint, checkpoint, faults
+from segnext_jax import backend, best_checkpoint, checkpoint, faults
 from segnext_jax.config import RUNTIME_FIELDS, TrainConfig, recipe_diff, to_json
 from segnext_jax.data.transforms import device_normalize
 from segnext_jax.metric_writer import MetricWriter
@@ -124,7 +124,6 @@ def jit_train_step(cfg: TrainConfig, mesh: jax.sharding.Mesh):
                              or None, avg_non_ignore=cfg.avg_non_ignore)
     return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
                    donate_argnums=0)
-  from segnext_jax import backend
   return _shared("step", cfg, mesh, backend.policy(), make=make)  # the policy shapes the trace
 
 
@@ -269,7 +268,6 @@ def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
 def validate_config(cfg: TrainConfig, devices: int, processes: int) -> None:
   """Refuse settings that cannot run (ValueError naming the flag), before anything is written;
   warn about ones that run but are probably not meant."""
-  from segnext_jax import backend
   backend.policy()  # a bad SEGNEXT_JAX_POLICY: its one-line error before the workdir is touched
   flag = lambda name: "--" + name.replace("_", "-")
   for name in ("steps", "batch_size", "crop_size", "ckpt_every", "log_every", "eval_every",
