@@ -1,8 +1,8 @@
-"""SegNeXt in JAX/Flax: MSCAN + LightHamHead, mmseg checkpoint import, training and evaluation."""
-from segnext_jax import cpu_memory
+"""SegNeXt in JAX/Flax: MSCAN + LightHamHead, mmseg checkpoint import, training and evaluation.
 
-cpu_memory.keep_freed_memory()  # first, before JAX starts threads: see cpu_memory.py
-
+Importing it changes nothing outside the package: the commands (segnext_jax.cli) opt into the
+CPU malloc policy of cpu_memory.py, and a program of your own may call
+`segnext_jax.cpu_memory.keep_freed_memory()` before it first uses JAX."""
 from segnext_jax.ham_head import LightHamHead, Hamburger, nmf2d, random_bases
 from segnext_jax.model import VARIANTS, SegNeXt, segnext, init_variables
 from segnext_jax.mscan import MSCAN

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Iterator
 
+from segnext_jax.errors import InputError
+
 ENV = "SEGNEXT_JAX_POLICY"
 DW_IMPLS = ("shift", "lax", "lax_autodiff")  # depthwise.py's implementations
 
@@ -49,13 +51,13 @@ def _parse_env(text: str) -> dict:
   for item in filter(None, (s.strip() for s in text.split(","))):
     name, sep, value = item.partition("=")
     if not sep or name not in fields:
-      raise ValueError(f"{ENV}={text!r}: {item!r} is not NAME=VALUE with NAME in {sorted(fields)}")
+      raise InputError(f"{ENV}={text!r}: {item!r} is not NAME=VALUE with NAME in {sorted(fields)}")
     if fields[name] == "bool":
       if value.lower() not in ("1", "0", "true", "false"):
-        raise ValueError(f"{ENV}: {name}={value!r}, expected 1/0/true/false")
+        raise InputError(f"{ENV}: {name}={value!r}, expected 1/0/true/false")
       out[name] = value.lower() in ("1", "true")
     elif value not in DW_IMPLS:
-      raise ValueError(f"{ENV}: dw_impl={value!r}, expected one of {DW_IMPLS}")
+      raise InputError(f"{ENV}: dw_impl={value!r}, expected one of {DW_IMPLS}")
     else:
       out[name] = value
   return out

@@ -17,8 +17,9 @@ from typing import Sequence
 
 import jax
 
-from segnext_jax import checkpoint
+from segnext_jax import checkpoint, run_checkpoint
 from segnext_jax.config import TrainConfig, recipe_diff
+from segnext_jax.errors import InputError
 
 DIR = "best"
 METRICS = ("mIoU", "mAcc", "aAcc")  # and IoU.<class name>
@@ -35,9 +36,9 @@ def check_metric(metric: str, class_names: Sequence[str] | None = None) -> None:
     if class_names is None or metric[len(CLASS_PREFIX):] in class_names:
       return
     shown = ", ".join(list(class_names)[:8]) + (", ..." if len(class_names) > 8 else "")
-    raise ValueError(f"--save-best {metric}: the data has no class "
+    raise InputError(f"--save-best {metric}: the data has no class "
                      f"{metric[len(CLASS_PREFIX):]!r} (classes: {shown})")
-  raise ValueError(f"--save-best {metric!r}: expected one of {', '.join(METRICS)} or "
+  raise InputError(f"--save-best {metric!r}: expected one of {', '.join(METRICS)} or "
                    f"{CLASS_PREFIX}<class name>")
 
 
@@ -73,7 +74,7 @@ class BestCheckpoint:
     for s in checkpoint.complete_steps(self.dir):
       kept = checkpoint.read_meta(self.dir, s)["best"]
       if kept["metric"] != self.metric:
-        raise ValueError(f"{self.dir} keeps the best {kept['metric']} (step {kept['step']}); "
+        raise InputError(f"{self.dir} keeps the best {kept['metric']} (step {kept['step']}); "
                          f"--save-best {self.metric} would replace it: move it aside or use "
                          f"--save-best {kept['metric']}")
 
@@ -106,7 +107,16 @@ class BestCheckpoint:
     return self.value is None or value > self.value
 
   def save(self, step: int, value: float, variables: dict, meta: dict) -> None:
-    """Write `step` as the best (every process: orbax saves together), then remove the old one."""
+    """Write `step` as the best (every process: orbax saves together), then remove the old one;
+    DiskFull (one line naming the best that is intact) when it does not fit."""
+    intact = (f"the best so far (step {self.step}) is intact" if self.step is not None else
+              "no best step saved yet")
+    run_checkpoint.write_checked(
+        self.dir / checkpoint.SUBDIR, f"the best checkpoint of step {step}",
+        run_checkpoint.tree_nbytes(variables), intact,
+        lambda: self._write(step, value, variables, meta))
+
+  def _write(self, step: int, value: float, variables: dict, meta: dict) -> None:
     best = {"metric": self.metric, "value": value, "step": step}
     meta = {**meta, "best": best, "best_step": step, f"best_{self.metric}": value}
     with checkpoint.manager(self.dir, create=True, async_save=False) as mngr:

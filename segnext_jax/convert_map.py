@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
+from segnext_jax.errors import InputError
 from segnext_jax.ham_head import GN_GROUPS
 from segnext_jax.model import VARIANTS
 
@@ -46,7 +47,7 @@ MAPPED_COLLECTIONS = ("params", "batch_stats")
 IGNORED = [r"(^|\.)num_batches_tracked$", r"^head\.", r"^auxiliary_head\."]
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
   """A checkpoint does not fit the model: the message names every offending key."""
 
 

@@ -1,16 +1,17 @@
 """Step buffers stay in the process: glibc's malloc set to reuse freed memory, not unmap it.
 
-XLA:CPU mallocs each execution's temporaries (1.8 GB for a T train step at 2x512x512) and frees
+XLA:CPU mallocs each execution's temporaries (gigabytes for a train step at 512x512) and frees
 them when it ends. glibc serves such sizes with a fresh mmap() and returns them with munmap(), so
-every step page-faults its whole working set again: ~500K faults and ~1 s of system time per T
-step on 2 cores. Here glibc serves every size from one arena's heap and keeps what is freed, so
-from the second step on, a step reuses the pages of the one before (0 faults). Applied when
-segnext_jax is imported, before JAX starts its threads, in a process whose JAX backend will be the
-CPU (backend.py's table: a GPU/TPU host is left alone); `SEGNEXT_JAX_MALLOC=system` opts out.
+every step page-faults its whole working set again (docs/performance.md has the counts). Here glibc serves every size from one arena's heap and keeps what is freed, so
+from the second step on, a step reuses the pages of the one before (0 faults). A process opts in
+with keep_freed_memory() before JAX starts its threads (every command does, in cli.run; importing
+segnext_jax does not); it applies where the JAX backend will be the CPU (backend.py's table: a
+GPU/TPU host is left alone); `SEGNEXT_JAX_MALLOC=system` opts out.
 
-What is kept also includes what XLA's compiler freed, ~1 GB for a T train step, which a step's
-single large temp buffer cannot reuse; so after each XLA compilation the free pages go back to
-the system (malloc_trim, after compilations of 1 s or more): T train step peak RSS 3.77 -> 3.01 GB. Steps still reuse their own.
+What is kept also includes what XLA's compiler freed, which a step's single large temp buffer
+cannot reuse; so after each XLA compilation the free pages go back to
+the system (malloc_trim, after compilations of TRIM_MIN_COMPILE_S or more; benchmarks/train_step.py
+reports the peak RSS this gives). Steps still reuse their own.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sys
 
 ENV = "SEGNEXT_JAX_MALLOC"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
-# Trim after compilations at least this long (a train step's: 40+ s), not after each of eval's
+# Trim after compilations at least this long (a train step's), not after each of eval's
 # many sub-second ones, where a trim would only make the next forward fault its pages again.
 TRIM_MIN_COMPILE_S = 1.0
 # glibc malloc.h parameter numbers
@@ -33,7 +34,7 @@ def keep_freed_memory() -> bool:
   """One heap (arena) for every thread, no mmap()ed chunks, no trimming: freed memory is reused.
 
   Returns whether it took effect (Linux with glibc, a CPU backend, not opted out). Arenas that
-  threads already own keep serving them, so it is applied first thing on import."""
+  threads already own keep serving them, so call it before the process first uses JAX."""
   global applied
   if applied or os.environ.get(ENV, "").lower() == "system" or not sys.platform.startswith("linux"):
     return applied
@@ -51,7 +52,8 @@ def keep_freed_memory() -> bool:
   if _jax_started():
     logging.getLogger("segnext_jax").warning(
         "JAX ran before segnext_jax was imported, so its threads keep glibc's default malloc and "
-        "CPU steps page-fault their buffers anew each time; import segnext_jax before using JAX")
+        "CPU steps page-fault their buffers anew each time; call "
+        "segnext_jax.cpu_memory.keep_freed_memory() before using JAX")
     return False
   libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   # M_TRIM_THRESHOLD -1 is SIZE_MAX as glibc reads it: never give the heap's top back.

@@ -19,12 +19,14 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from segnext_jax.errors import UserError
+
 log = logging.getLogger("segnext_jax.faults")
 
 LOCK_FILE = "train.lock"
 
 
-class Fault(Exception):
+class Fault(UserError):
   """An expected failure of a run: the CLI prints `prefix: message` (one line) and exits with
   `exit_code`."""
   exit_code = 2

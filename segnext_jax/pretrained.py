@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from segnext_jax.convert_map import SIZE_KEYS, describe_size
+from segnext_jax.errors import InputError
 
 # Paths that may differ in shape between source and model (a new class count): re-initialised.
 REINIT_ON_SHAPE_CHANGE = (("params", "decode_head", "conv_seg"),)
@@ -50,7 +51,7 @@ def merge(init: dict, source: dict) -> tuple[dict, MergeReport]:
     elif any(path[:len(p)] == p for p in REINIT_ON_SHAPE_CHANGE):
       report.reinitialised.append(f"{name} {tuple(flat_src[path].shape)}->{tuple(value.shape)}")
     else:
-      raise ValueError(f"pretrained {name} has shape {tuple(flat_src[path].shape)}, the model "
+      raise InputError(f"pretrained {name} has shape {tuple(flat_src[path].shape)}, the model "
                        f"{tuple(value.shape)}")
   report.unused = ["/".join(p) for p in flat_src if p not in flat_init]
   return traverse_util.unflatten_dict(out), report
@@ -74,11 +75,11 @@ def load_pretrained(path: str, variables: dict, variant: str) -> tuple[dict, Mer
   custom size, the model built with the same sizes: the refusal says which)."""
   source, src_variant, sizes = read_source(path)
   if src_variant != variant:
-    raise ValueError(f"--pretrained {path} is variant {src_variant!r}, the model is {variant!r}")
+    raise InputError(f"--pretrained {path} is variant {src_variant!r}, the model is {variant!r}")
   try:
     return merge(jax.tree.map(jnp.asarray, variables), source)
   except ValueError as e:
     if not sizes:
       raise
-    raise ValueError(f"{e}: --pretrained {path} is a custom size ({describe_size(sizes)}); give "
+    raise InputError(f"{e}: --pretrained {path} is a custom size ({describe_size(sizes)}); give "
                      "the model the same with --model-overrides") from None

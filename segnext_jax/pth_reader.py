@@ -18,6 +18,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from segnext_jax.errors import InputError
+
 # torch's storage classes (what a tensor's storage is pickled as) -> numpy dtypes.
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -27,7 +29,7 @@ STORAGE_DTYPES = {
 }
 
 
-class PthError(ValueError):
+class PthError(InputError):
   """A file that is not a readable torch zip checkpoint; one line naming it."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from segnext_jax.errors import InputError
+
 _ADE = dict(crop_size=512, resize_scale=(2048, 512), eval_mode="whole", eval_crop=(512, 512),
             eval_stride=(341, 341))
 _PASCAL_CONTEXT = dict(crop_size=480, resize_scale=(520, 520), eval_mode="whole",
@@ -48,13 +50,38 @@ RECIPES: dict[str, dict[str, Any]] = {
 EVAL_FIELDS = ("resize_scale", "eval_mode", "eval_crop", "eval_stride")
 
 
+# --data spec kinds: how each is written and the RECIPES row it trains with. data/datasets.py
+# reads each kind (its readers' tables: data/folder.py LAYOUTS, data/voc.py DEVKIT_LAYOUTS).
+DATA_SPECS: dict[str, tuple[str, str]] = {
+  "synthetic": ("synthetic", "synthetic"),
+  "folder": ("folder:PATH", "folder"),
+  "ade20k": ("ade20k:PATH", "ade20k"),
+  "cityscapes": ("cityscapes:PATH", "cityscapes"),
+  "coco_stuff": ("coco_stuff:PATH", "coco_stuff"),
+  "isaid": ("isaid:PATH", "isaid"),
+  "voc": ("voc:PATH", "voc"),
+  "pascal_context": ("pascal_context:PATH", "pascal_context"),
+  "pascal_context60": ("pascal_context60:PATH", "pascal_context60"),
+  "tfds": ("tfds:ade20k_semantic[:DATA_DIR]", "ade20k"),
+}
+DATA_HELP = " | ".join(form for form, _ in DATA_SPECS.values())
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """(kind, argument) of a --data spec ('ade20k:/x' -> ('ade20k', '/x')); ValueError (one line)
+  for a spec no dataset reads."""
+  kind, colon, arg = spec.partition(":")
+  form = DATA_SPECS.get(kind, ("",))[0]
+  if kind not in DATA_SPECS or (colon and ":" not in form):
+    raise InputError(f"unknown dataset {spec!r}; use {DATA_HELP.replace(' | ', ', ')}")
+  if ":" in form and not arg:
+    raise InputError(f"{kind} needs a path: --data {form}")
+  return kind, arg
+
+
 def kind_of(spec: str) -> str:
   """The RECIPES row of a --data spec ('ade20k:/x' -> 'ade20k'; tfds:ade20k_semantic -> 'ade20k')."""
-  kind = spec.partition(":")[0]
-  kind = "ade20k" if kind == "tfds" else kind
-  if kind not in RECIPES:
-    raise ValueError(f"unknown dataset {spec!r}; known kinds: {', '.join(RECIPES)}, tfds")
-  return kind
+  return DATA_SPECS[parse_spec(spec)[0]][1]
 
 
 def eval_settings(spec: str | None) -> dict[str, Any]:

@@ -14,8 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255  # label value that counts neither in the loss nor in the metrics (mmseg)
-
 
 def bilinear_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """torch's bilinear source taps along one axis: output i reads inputs i0[i] and i1[i] with

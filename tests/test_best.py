@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN, command
-from segnext_jax import best_checkpoint, checkpoint, eval as eval_lib, faults, metric_writer, train_lib
-from segnext_jax.config import PRESETS, make_config
+from segnext_jax import best_checkpoint, checkpoint, eval as eval_lib, faults, metric_writer, run_checkpoint, trainer
+from segnext_jax.config import make_config
+from segnext_jax.recipes import RECIPES
 
 STEPS = 20
 
 
 def cfg(workdir, **kw):
-  return make_config(PRESETS["synthetic"], {**TINY_RUN, "steps": STEPS, "eval_images": 2,
+  return make_config(RECIPES["synthetic"], {**TINY_RUN, "steps": STEPS, "eval_images": 2,
                                             "eval_every": 2, "save_best": "mIoU",
                                             "workdir": str(workdir), **kw})
 
@@ -68,13 +69,13 @@ def test_best_across_a_signal_and_resume_is_the_highest_and_evaluates_to_it(tmp_
       if step == 7 and kw.get("prefix", "train") == "train":
         os.kill(os.getpid(), signal.SIGTERM)  # handled in this (main) thread: saves step 7
 
-  monkeypatch.setattr(train_lib, "MetricWriter", SignalAt7)
+  monkeypatch.setattr(trainer, "MetricWriter", SignalAt7)
   with pytest.raises(faults.Stopped, match="SIGTERM after step 7"):
-    train_lib.train_and_evaluate(cfg(wd, ckpt_every=10), progress=False)
+    trainer.train_and_evaluate(cfg(wd, ckpt_every=10), progress=False)
   before = assert_running_best(val_records(wd))
   assert best_meta(wd)["best_step"] == before[0] <= 6
   monkeypatch.undo()
-  out = train_lib.train_and_evaluate(cfg(wd, ckpt_every=10), progress=False)
+  out = trainer.train_and_evaluate(cfg(wd, ckpt_every=10), progress=False)
   records = val_records(wd)
   assert [r["step"] for r in records] == list(range(2, STEPS + 1, 2))
   step, value = assert_running_best(records)
@@ -109,7 +110,7 @@ def scripted_evaluate(monkeypatch):
     return {"aAcc": 0.5, "mIoU": m, "mAcc": 0.5, "IoU": np.full(k, m), "Acc": np.full(k, 0.5),
             "images": 2, "seconds": 0.0, "images_per_s": 0.0, "confusion": np.zeros((k, k))}
 
-  monkeypatch.setattr(train_lib, "MetricWriter", Track)
+  monkeypatch.setattr(trainer, "MetricWriter", Track)
   monkeypatch.setattr(eval_lib, "evaluate", evaluate)
 
 
@@ -119,13 +120,13 @@ def test_best_survives_a_kill_and_only_a_higher_value_replaces_it(tmp_path, monk
   with step 16's weights as best/. Another metric on this workdir is refused in one line."""
   scripted_evaluate(monkeypatch)
   wd = tmp_path / "run"
-  train_lib.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), stop_after=7, progress=False)
+  trainer.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), stop_after=7, progress=False)
   assert best_meta(wd)["best"]["step"] == 6
   shutil.rmtree(wd / "checkpoints" / "7")  # the kill came before step 7's save
   best_files = {p: p.stat().st_mtime_ns for p in (wd / "best").rglob("*") if p.is_file()}
-  train_lib.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), stop_after=12, progress=False)
+  trainer.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), stop_after=12, progress=False)
   assert {p: p.stat().st_mtime_ns for p in (wd / "best").rglob("*") if p.is_file()} == best_files
-  train_lib.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), progress=False)
+  trainer.train_and_evaluate(cfg(wd, ckpt_every=4, keep_ckpts=20), progress=False)
   records = val_records(wd)
   assert [r["step"] for r in records] == list(range(2, STEPS + 1, 2))
   assert records[4]["mIoU"] is None and assert_running_best(records) == (16, 70.0)
@@ -151,10 +152,10 @@ def test_recovery_keeps_one_complete_best_and_sets_aside_another_recipes(tmp_pat
   scripted_evaluate(monkeypatch)
   wd = tmp_path / "run"
   four = cfg(wd, ckpt_every=4, steps=4)  # TINY_RUN at 4 steps: test_cli's step program
-  train_lib.train_and_evaluate(four, stop_after=2, progress=False)
+  trainer.train_and_evaluate(four, stop_after=2, progress=False)
   best = wd / "best" / "checkpoints"
   shutil.copytree(best / "2", tmp_path / "old")
-  train_lib.train_and_evaluate(four, progress=False)
+  trainer.train_and_evaluate(four, progress=False)
   assert checkpoint.complete_steps(wd / "best") == [4]
   shutil.copytree(tmp_path / "old", best / "2")  # left behind by a kill: recorded 30, not 50
   (best / "8.orbax-checkpoint-tmp-1").mkdir()
@@ -172,9 +173,9 @@ def test_recovery_keeps_one_complete_best_and_sets_aside_another_recipes(tmp_pat
 
 def test_check_space_counts_the_best_checkpoint(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(faults, "free_bytes", lambda d: 25 << 20)
-  train_lib.check_space(tmp_path, 10 << 20, 2)
+  run_checkpoint.check_space(tmp_path, 10 << 20, 2)
   assert not caplog.text
-  train_lib.check_space(tmp_path, 10 << 20, 2, best=8 << 20)
+  run_checkpoint.check_space(tmp_path, 10 << 20, 2, best=8 << 20)
   assert "the 2 checkpoints this run keeps and its best need ~28.0 MB" in caplog.text
 
 
@@ -189,14 +190,14 @@ def test_a_best_that_does_not_fit_is_one_line_naming_what_is_intact(tmp_path, mo
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 20)
   with pytest.raises(faults.DiskFull, match=r"best/checkpoints: no space for the best checkpoint of step 6 "
                      r"\(needs ~2.0 MB, 1.0 MB free\); no best step saved yet; free space"):
-    train_lib.save_best(best, 6, 50.0, State(), {})
+    best.save(6, 50.0, State().variables(), {})
   monkeypatch.setattr(faults, "free_bytes", lambda d: 1 << 40)
   best.step, best.value = 4, 40.0
 
   def full(*a):
     (best.dir / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir(parents=True)
     raise OSError(28, "No space left on device")
-  monkeypatch.setattr(best, "save", full)
+  monkeypatch.setattr(best, "_write", full)
   with pytest.raises(faults.DiskFull, match=r"step 6 .*the best so far \(step 4\) is intact"):
-    train_lib.save_best(best, 6, 50.0, State(), {})
+    best.save(6, 50.0, State().variables(), {})
   assert not list((best.dir / "checkpoints").iterdir())

@@ -165,3 +165,32 @@ def test_entry_points_and_scripts_run_the_same_commands_from_any_directory(tmp_p
   assert "--steps STEPS total iterations (default 300; ADE20K recipe 160000)" in train
   assert "--variant {t,s,b,l}" in train and "--pretrained PRETRAINED" in train
   assert "(default none)" in train and "malloc" not in train
+
+
+def test_user_errors_are_one_line_and_bugs_show_their_traceback(capsys, monkeypatch):
+  """cli.run: a UserError (or an OSError naming a file) is one line and status 2; anything else
+  is a bug: its traceback, a line saying so, status 1."""
+  from segnext_jax import cli, errors, faults
+  monkeypatch.delenv("SEGNEXT_JAX_TRACEBACK", raising=False)
+
+  def raising(e):
+    def main(argv):
+      raise e
+    return main
+
+  cases = [(errors.InputError("--lr -1: must be a positive number"), 2),
+           (faults.DiskFull("/w: no space"), faults.DiskFull.exit_code),
+           (FileNotFoundError(2, "No such file or directory", "/x/y.png"), 2),
+           (ValueError("operands could not be broadcast"), 1),
+           (RuntimeError("XLA internal"), 1),
+           (OSError("no file named"), 1)]
+  for exc, status in cases:
+    assert cli.run(raising(exc), []) == status, exc
+    err = capsys.readouterr().err
+    if status == 1:
+      assert "Traceback (most recent call last)" in err and err.strip().endswith(cli.BUG), err
+      assert f"error: {exc}" in err
+    else:
+      assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  cli.run(raising(FileNotFoundError(2, "No such file or directory", "/x/y.png")), [])
+  assert capsys.readouterr().err == "error: /x/y.png: No such file or directory\n"

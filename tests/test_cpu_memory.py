@@ -1,5 +1,6 @@
-"""The malloc policy of segnext_jax.cpu_memory: a process that imports segnext_jax reuses freed
-step-sized buffers instead of page-faulting fresh ones; opting out or importing late does not."""
+"""The malloc policy of segnext_jax.cpu_memory: a process that opts in (every command does)
+reuses freed step-sized buffers instead of page-faulting fresh ones; importing segnext_jax alone,
+opting out or opting in after JAX started does not."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import ctypes, json, resource, sys
 {before}
 import segnext_jax
 from segnext_jax import cpu_memory
+{opt_in}
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -33,16 +35,27 @@ print(json.dumps({{"applied": cpu_memory.applied, "faults": faults}}))
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc policy")
 
 
-def probe(before: str = "", **env) -> dict:
-  out = subprocess.run([sys.executable, "-c", PROBE.format(before=before)], capture_output=True,
-                       text=True, env={**os.environ, **env}, check=True)
+def probe(before: str = "", opt_in: str = "cpu_memory.keep_freed_memory()", **env) -> dict:
+  out = subprocess.run([sys.executable, "-c", PROBE.format(before=before, opt_in=opt_in)],
+                       capture_output=True, text=True, env={**os.environ, **env}, check=True)
   return {**json.loads(out.stdout.strip().splitlines()[-1]), "stderr": out.stderr}
 
 
-def test_import_keeps_freed_memory():
+def test_opting_in_keeps_freed_memory():
   got = probe()
   assert got["applied"]
   assert got["faults"] < 1000, got  # 256 MB of 4 KiB pages would be 65536 faults
+
+
+def test_importing_segnext_jax_leaves_malloc_alone():
+  got = probe(opt_in="")
+  assert not got["applied"]
+  assert got["faults"] > 30000, got
+
+
+def test_a_command_opts_in_before_its_main_runs():
+  got = probe(opt_in="from segnext_jax import cli; cli.run(lambda argv: 0, [])")
+  assert got["applied"] and got["faults"] < 1000, got
 
 
 def test_opt_out_and_glibc_default_fault_every_round():
@@ -61,14 +74,14 @@ def test_an_accelerator_host_is_left_alone():
 def test_jax_used_first_warns_and_leaves_malloc_alone():
   got = probe(before="import jax.numpy as jnp; jnp.ones(2).block_until_ready()")
   assert not got["applied"]
-  assert "import segnext_jax before using JAX" in got["stderr"]
+  assert "keep_freed_memory() before using JAX" in got["stderr"]
 
 
 # Free 512 MB (kept by the policy), then compile something: RSS before and after the compile.
 TRIM_PROBE = r"""
 import ctypes, json
-import segnext_jax
 from segnext_jax import cpu_memory
+cpu_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 cpu_memory.TRIM_MIN_COMPILE_S = 0.0  # the probe's compile is short; the train step's is 40 s
 libc = ctypes.CDLL(None)

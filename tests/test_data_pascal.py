@@ -272,12 +272,12 @@ def test_context_and_isaid_bad_data_names_the_file(tmp_path):
 def test_train_loader_batches_from_each_layout(tmp_path, kind):
   """What train.py does before its first step, per layout: the kind's preset, both splits checked,
   and the train split (VOC: with the aug set) through the train pipeline into a batch."""
-  from segnext_jax.config import load_preset, make_config, preset_for_data
+  from segnext_jax.config import load_preset, make_config
   from segnext_jax.data.loader import TrainLoader
   from segnext_jax.data.transforms import TrainPipeline
-  from segnext_jax.train_lib import prepare_data
+  from segnext_jax.trainer import prepare_data
   spec = f"{kind}:{MAKERS[kind](tmp_path / kind)}"
-  cfg = make_config(load_preset(preset_for_data(spec)), dict(data=spec, batch_size=4))
+  cfg = make_config(load_preset(kind_of(spec)), dict(data=spec, batch_size=4))
   assert (cfg.crop_size, cfg.steps) == (RECIPES[kind]["crop_size"],
                                         RECIPES[kind]["steps"])
   train_ds, val_ds = prepare_data(cfg)

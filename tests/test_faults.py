@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY, command, shm_left
-from segnext_jax import checkpoint, cli, faults, metric_writer, train_lib
-from segnext_jax.config import PRESETS, make_config
+from segnext_jax import checkpoint, cli, config, faults, metric_writer, train_lib, trainer
+from segnext_jax.config import make_config
+from segnext_jax.recipes import RECIPES
 from segnext_jax.data.datasets import Synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def tiny_cfg(workdir: Path, **kw):
   base = dict(model_overrides=TINY, steps=20, batch_size=2, crop_size=64, resize_scale=(128, 64),
               warmup_steps=1, eval_every=1000, eval_images=2, ckpt_every=10, log_every=1, workers=1,
               workdir=str(workdir))
-  return make_config(PRESETS["synthetic"], {**base, **kw})
+  return make_config(RECIPES["synthetic"], {**base, **kw})
 
 
 def params(state) -> list[np.ndarray]:
@@ -61,7 +62,7 @@ def one_error_line(err: str, *needles: str) -> str:
 def straight(tmp_path_factory):
   """An uninterrupted 20-step run (checkpoints 10 and 20): the reference for every resume."""
   wd = tmp_path_factory.mktemp("straight") / "run"
-  return wd, train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
+  return wd, trainer.train_and_evaluate(tiny_cfg(wd), progress=False)
 
 
 def copy_run(src: Path, dst: Path, keep: tuple[int, ...]) -> Path:
@@ -88,14 +89,14 @@ def test_signal_saves_the_step_it_was_at_and_resume_is_bit_identical(straight, t
       if step == 4:
         os.kill(os.getpid(), signal.SIGINT)  # a real signal, handled in this (main) thread
 
-  monkeypatch.setattr(train_lib, "MetricWriter", SignalAt4)
+  monkeypatch.setattr(trainer, "MetricWriter", SignalAt4)
   with pytest.raises(faults.Stopped, match=r"SIGINT after step 4: saved .*checkpoints/4") as e:
-    train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
+    trainer.train_and_evaluate(tiny_cfg(wd), progress=False)
   assert e.value.exit_code == 130
   assert slow_shm_frees and not shm_left(slow_shm_frees)
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [4]
+  assert checkpoint.complete_steps(wd, checkpoint.ITEMS) == [4]
   monkeypatch.undo()
-  resumed = train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
+  resumed = trainer.train_and_evaluate(tiny_cfg(wd), progress=False)
   assert_same_params(resumed["state"], straight[1]["state"])
   assert [l for _, l in resumed["history"]["loss"]] == [l for _, l in straight[1]["history"]["loss"]][4:]
   assert [r["step"] for r in metric_writer.read(wd) if r["split"] == "train"] == list(range(1, 21))
@@ -134,7 +135,7 @@ def test_sigterm_to_train_py_saves_and_the_same_command_resumes(tmp_path, compil
   at = max(r["step"] for r in metric_writer.read(wd))
   assert 2 <= at < 20
   one_error_line(err, f"stopped: SIGTERM after step {at}: saved", f"checkpoints/{at}")
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [at]
+  assert checkpoint.complete_steps(wd, checkpoint.ITEMS) == [at]
   assert command("train").main(argv) == 0
   assert f"resumed from {wd}/checkpoints at step {at}" in caplog.text
   train = [r for r in metric_writer.read(wd) if r["split"] == "train"]
@@ -161,8 +162,8 @@ def test_unfinished_first_save_is_removed_and_pretrained_loads(tmp_path, caplog,
   def spy(cfg, model, variables):
     seen["variables"] = jax.tree.map(np.asarray, variables)  # before the step donates them
     return real(cfg, model, variables)
-  monkeypatch.setattr(train_lib, "create_train_state", spy)
-  train_lib.train_and_evaluate(dataclasses.replace(cfg, pretrained=str(pre)), progress=False)
+  monkeypatch.setattr(trainer, "create_train_state", spy)
+  trainer.train_and_evaluate(dataclasses.replace(cfg, pretrained=str(pre)), progress=False)
   assert "an unfinished checkpoint (an interrupted save); ignored and removed" in caplog.text
   assert f"pretrained {pre}" in caplog.text and "resumed" not in caplog.text
   assert not leftover.exists()
@@ -175,11 +176,11 @@ def test_unreadable_latest_step_falls_back_naming_it(straight, tmp_path, caplog)
   wd = copy_run(straight[0], tmp_path / "run", keep=(10, 20))
   for d in (wd / "checkpoints" / "20" / "opt").rglob("d"):
     shutil.rmtree(d)  # the optimizer state's data files are gone
-  resumed = train_lib.train_and_evaluate(tiny_cfg(wd), progress=False)
+  resumed = trainer.train_and_evaluate(tiny_cfg(wd), progress=False)
   assert re.search(r"checkpoints/20 cannot be read \(.*\); resuming from step 10 instead; the "
                    r"damaged step is kept as 20\.unreadable", caplog.text), caplog.text
   assert_same_params(resumed["state"], straight[1]["state"])
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [10, 20]  # 20 written again
+  assert checkpoint.complete_steps(wd, checkpoint.ITEMS) == [10, 20]  # 20 written again
   assert (wd / "checkpoints" / "20.unreadable").is_dir()
 
 
@@ -213,13 +214,13 @@ def test_non_finite_loss_stops_with_the_step_and_never_saves_it(tmp_path, capsys
         state = state.replace(params=jax.tree.map(lambda p: p * jnp.inf, state.params))
       return step(state, batch, key)
     return run
-  monkeypatch.setattr(train_lib, "jit_train_step", poisoned)
+  monkeypatch.setattr(trainer, "jit_train_step", poisoned)
   code = command("train").main([*TRAIN_FLAGS, f"--log-every={log_every}",
                                     f"--ckpt-every={ckpt_every}", f"--workdir={wd}"])
   assert code == 2
   one_error_line(capsys.readouterr().err, "at step 7: training diverged; lower --lr (now 0.001)",
                  "no checkpoint was saved")
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == []
+  assert checkpoint.complete_steps(wd, checkpoint.ITEMS) == []
   assert [r["step"] for r in metric_writer.read(wd)] == ([5] if log_every == 5 else [])
 
 
@@ -305,8 +306,8 @@ def test_class_weights_from_a_file_are_recorded_and_part_of_the_recipe(tmp_path,
 
 def test_settings_against_devices_and_warmup_warning(tmp_path, caplog):
   with pytest.raises(ValueError, match="--batch-size 3: must be a multiple of the 2 devices"):
-    train_lib.validate_config(tiny_cfg(tmp_path, batch_size=3), devices=2, processes=1)
-  train_lib.validate_config(tiny_cfg(tmp_path, warmup_steps=30, steps=20), devices=1, processes=1)
+    config.validate(tiny_cfg(tmp_path, batch_size=3), devices=2, processes=1)
+  config.validate(tiny_cfg(tmp_path, warmup_steps=30, steps=20), devices=1, processes=1)
   assert "--warmup-steps 30 is longer than the run (--steps 20)" in caplog.text
 
 
@@ -314,7 +315,7 @@ def test_recipe_refusal_needs_a_complete_checkpoint_and_a_done_run_says_so(strai
   # config.json of a run that never saved a step (e.g. it failed): another recipe may start
   wd = tmp_path / "run"
   (wd / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
-  (wd / "config.json").write_text(train_lib.to_json(tiny_cfg(wd, lr=0.5)))
+  (wd / "config.json").write_text(config.to_json(tiny_cfg(wd, lr=0.5)))
   assert command("train").main([*TRAIN_FLAGS, "--ckpt-every=10", f"--workdir={wd}"]) == 0
   assert json.loads((wd / "config.json").read_text())["lr"] == 1e-3
   # a finished run, run again: nothing to do, said
@@ -354,7 +355,7 @@ def test_disk_full_stops_with_one_line_and_the_same_command_resumes(straight, sm
   assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["10"]
   subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
   assert command("train").main(argv) == 0
-  assert checkpoint.complete_steps(wd, train_lib.RUN_ITEMS) == [10, 20]
+  assert checkpoint.complete_steps(wd, checkpoint.ITEMS) == [10, 20]
   model, variables = checkpoint.load_checkpoint(wd)
   for a, b in zip(jax.tree.leaves(variables["params"]), params(straight[1]["state"])):
     np.testing.assert_array_equal(np.asarray(a), b)

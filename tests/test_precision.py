@@ -11,7 +11,8 @@ from flax import traverse_util
 
 from conftest import TINY, tiny_train_batch, tiny_train_model, train_loss_grads
 from segnext_jax import ham_head
-from segnext_jax.config import PRESETS, make_config
+from segnext_jax.config import make_config
+from segnext_jax.recipes import RECIPES
 from segnext_jax.train_lib import create_train_state, jit_train_step, make_mesh, shard_batch
 
 # Measured on conftest's tiny_train_model / tiny_train_batch (2026-12-07, CPU): loss 1.1e-5
@@ -91,10 +92,10 @@ def test_bf16_inference_on_the_parity_checkpoint(torch_ref_t, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_synthetic_run_within_a_few_miou_of_fp32(tmp_path):
-  from segnext_jax.train_lib import train_and_evaluate
+  from segnext_jax.trainer import train_and_evaluate
   miou = {}
   for precision in ("fp32", "bf16"):
-    cfg = make_config(PRESETS["synthetic"], dict(precision=precision, workdir=str(tmp_path / precision)))
+    cfg = make_config(RECIPES["synthetic"], dict(precision=precision, workdir=str(tmp_path / precision)))
     miou[precision] = 100 * train_and_evaluate(cfg, progress=False)["history"]["eval"][-1][1]
   print(miou)
   assert miou["fp32"] > 70 and abs(miou["bf16"] - miou["fp32"]) <= 3.0, miou

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from segnext_jax.config import TrainConfig, load_preset, make_config
-from segnext_jax.data.datasets import SPEC_KINDS
+from segnext_jax.data.folder import LAYOUTS
+from segnext_jax.data.voc import DEVKIT_LAYOUTS
 from segnext_jax.data.transforms import TrainPipeline
-from segnext_jax.recipes import RECIPES, eval_settings, kind_of
+from segnext_jax.recipes import DATA_SPECS, RECIPES, eval_settings, kind_of
 
 # per kind: mmseg 1.x's _base_/datasets config (Cityscapes: the 1024 one SegNeXt trains with)
 MMSEG_BASE = {"ade20k": "ade20k.py", "cityscapes": "cityscapes_1024x1024.py",
@@ -63,7 +64,8 @@ def test_defaults_are_mmsegs_segnext_ade20k_recipe():
 
 
 def test_every_data_kind_has_a_preset_that_makes_a_config():
-  assert set(SPEC_KINDS) - {"tfds"} == set(RECIPES)
+  assert set(DATA_SPECS) == {"synthetic", "tfds", *LAYOUTS, *DEVKIT_LAYOUTS}
+  assert {row for _, row in DATA_SPECS.values()} == set(RECIPES)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   for kind, row in RECIPES.items():
     assert set(row) <= fields, kind

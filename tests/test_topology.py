@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TINY_RUN_FLAGS, cache_env, command, host_devices_env
 from segnext_jax import checkpoint, metric_writer
-from segnext_jax.train_lib import RUN_ITEMS, train_and_evaluate
+from segnext_jax.trainer import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = TINY_RUN_FLAGS + ["--eval-every=1000", "--eval-images=2"]
@@ -90,7 +90,7 @@ def test_two_host_devices_match_one(two_device_run, tmp_path):
   """Step 2 (the first at the full lr) on 2 devices, one image each, against the same step on 1:
   the same loss, gradient norm, global-batch BN statistics and parameters."""
   one = train_and_evaluate(_train_cfg(tmp_path / "one", 3), stop_after=2, progress=False)["state"]
-  assert checkpoint.complete_steps(two_device_run, RUN_ITEMS)[-2:] == [2, 3]
+  assert checkpoint.complete_steps(two_device_run, checkpoint.ITEMS)[-2:] == [2, 3]
   _, two_vars, _ = checkpoint.load(two_device_run, step=2)
   train = lambda wd: [r for r in metric_writer.read(wd) if r["split"] == "train"][:2]
   a, b = train(tmp_path / "one"), train(two_device_run)

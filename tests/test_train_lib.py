@@ -14,10 +14,11 @@ from flax import traverse_util
 
 from conftest import TINY_RUN, mmseg_segmentor_modules
 from segnext_jax import convert_map, segnext
-from segnext_jax.config import PRESETS, TrainConfig, make_config
+from segnext_jax.config import TrainConfig, make_config
+from segnext_jax.recipes import RECIPES
 from segnext_jax.model import abstract_variables
 from segnext_jax.optim import lr_schedule, param_group, param_name
-from segnext_jax.train_lib import train_and_evaluate
+from segnext_jax.trainer import train_and_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_schedule_matches_mmengine_linear_then_poly():
 def _tiny_cfg(tmp_path, **kw) -> TrainConfig:
   """conftest's TINY_RUN at 4 steps (test_cli's second step program)."""
   base = dict(TINY_RUN, steps=4, eval_every=1000, ckpt_every=2, workdir=str(tmp_path / "run"))
-  return make_config(PRESETS["synthetic"], {**base, **kw})
+  return make_config(RECIPES["synthetic"], {**base, **kw})
 
 
 def _uint8_batch(n: int, size: int = 64) -> dict:
@@ -88,7 +89,7 @@ def test_loss_decreases_on_a_fixed_batch():
   """The trainer's own step (a uint8 batch, normalised in the step) at a higher lr than the recipe's."""
   from segnext_jax.model import init_variables
   from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
-  cfg = make_config(PRESETS["synthetic"], dict(TINY_RUN, steps=30, lr=3e-3))
+  cfg = make_config(RECIPES["synthetic"], dict(TINY_RUN, steps=30, lr=3e-3))
   batch = _uint8_batch(4)
   model = build_model(cfg, 6)
   mesh = make_mesh()
@@ -121,7 +122,7 @@ def test_the_train_step_takes_the_loss_options_of_the_config(monkeypatch):
   for kw, want in [({}, (None, False)),
                    (dict(class_weight=(1, 2, 3, 4, 5, 6), avg_non_ignore=True),
                     ((1.0, 2.0, 3.0, 4.0, 5.0, 6.0), True))]:
-    cfg = make_config(PRESETS["synthetic"], dict(TINY_RUN, steps=4, **kw))
+    cfg = make_config(RECIPES["synthetic"], dict(TINY_RUN, steps=4, **kw))
     model = train_lib.build_model(cfg, 6)
     state = jax.eval_shape(lambda v: train_lib.create_train_state(cfg, model, v),
                            abstract_variables(model))
@@ -174,10 +175,11 @@ import hashlib, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from conftest import TINY
-from segnext_jax.config import PRESETS, make_config
+from segnext_jax.config import make_config
+from segnext_jax.recipes import RECIPES
 from segnext_jax.model import abstract_variables
 from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh
-cfg = make_config(PRESETS["synthetic"], dict(model_overrides=TINY, batch_size=2))
+cfg = make_config(RECIPES["synthetic"], dict(model_overrides=TINY, batch_size=2))
 model = build_model(cfg, 6)
 state = jax.eval_shape(lambda v: create_train_state(cfg, model, v), abstract_variables(model))
 batch = dict(image=jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32),

@@ -7,7 +7,9 @@ repository (`python train.py`, ...), which are the same `main`.
 Flags are spelled `--batch-size`; `--batch_size` is accepted as an alias everywhere. Every script's
 `main` is `cli.run(_main, argv)`: an expected failure (bad input, a fault) ends as one line on
 stderr and exit status 2 (a graceful stop: 128 + the signal), Ctrl-C as one line and 130, never a
-traceback; SEGNEXT_JAX_TRACEBACK=1 shows the traceback instead.
+traceback; SEGNEXT_JAX_TRACEBACK=1 shows the traceback instead. Expected means a
+segnext_jax.errors.UserError, or an OSError naming a file (missing, unreadable, disk full):
+anything else is a bug, shown with its traceback and a line saying so (exit status 1).
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from segnext_jax import faults
+from segnext_jax import cpu_memory, faults
+from segnext_jax.errors import InputError, UserError
 
-# Failures that are the input's or the environment's, not a bug: one line, exit 2. Data, config,
-# checkpoint and conversion errors are ValueErrors (DataError, RecipeMismatch, ConversionError...).
-EXPECTED = (faults.Fault, ValueError, OSError, ImportError)
+BUG = ("this is a bug in segnext-jax, not in your input or files: please report it with the "
+       "command and the traceback above")
 
 DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
 
@@ -34,7 +37,7 @@ def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs
   return parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
   """A command line the parser cannot take (an unknown flag, a bad value): one line, status 2."""
 
 
@@ -68,9 +71,9 @@ COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JA
                       f"else {DEFAULT_CACHE}; '' to disable)")
 
 
-def quiet_absl() -> None:
-  """Library chatter off: absl (orbax) below errors, JAX's 'Unable to initialize backend' notes."""
-  logging.getLogger("absl").setLevel(logging.ERROR)
+def quiet_absl(level: int = logging.ERROR) -> None:
+  """Library chatter off: absl (orbax) below `level`, JAX's 'Unable to initialize backend' notes."""
+  logging.getLogger("absl").setLevel(level)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
@@ -83,8 +86,9 @@ def one_line(e: BaseException) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-  """main(argv), with expected failures and Ctrl-C turned into one line on stderr and an exit
-  status (2, a fault's own status, or 130)."""
+  """main(argv) in the commands' runtime (cpu_memory's malloc policy), with expected failures and
+  Ctrl-C turned into one line on stderr and an exit status (2, a fault's own status, or 130)."""
+  cpu_memory.keep_freed_memory()
   with faults.quiet_async_errors():
     try:
       return main(argv)
@@ -93,12 +97,21 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         raise
       print("interrupted (Ctrl-C)", file=sys.stderr)
       return 130
-    except EXPECTED as e:
+    except Exception as e:
       if os.environ.get("SEGNEXT_JAX_TRACEBACK"):
         raise
+      if not is_expected(e):
+        traceback.print_exc()
+        print(f"error: {one_line(e)}\n{BUG}", file=sys.stderr)
+        return 1
       code, prefix = (e.exit_code, e.prefix) if isinstance(e, faults.Fault) else (2, "error")
       print(f"{prefix}: {one_line(e)}", file=sys.stderr)
       return code
+
+
+def is_expected(e: BaseException) -> bool:
+  """Whether `e` is the input's or the environment's (one line), not a bug (a traceback)."""
+  return isinstance(e, UserError) or (isinstance(e, OSError) and bool(e.filename))
 
 
 def console(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from segnext_jax import cli
-from segnext_jax.config import PRESETS, TrainConfig, load_preset, make_config, preset_for_data
+from segnext_jax.config import TrainConfig, load_preset, make_config
+from segnext_jax.recipes import RECIPES, kind_of
 
 BARE = "synthetic"  # the preset of a bare `train.py` (TrainConfig.data's default)
 
@@ -32,7 +33,7 @@ BARE = "synthetic"  # the preset of a bare `train.py` (TrainConfig.data's defaul
 def build_parser() -> argparse.ArgumentParser:
   p = cli.parser(__doc__)
   cli.add_flag(p, "config", default=None, metavar="NAME|FILE.json",
-               help=f"preset ({', '.join(PRESETS)}) or a saved config.json (default: the --data "
+               help=f"preset ({', '.join(RECIPES)}) or a saved config.json (default: the --data "
                "kind's preset)")
   cli.add_flag(p, "distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   cli.add_flag(p, "compile-cache", default=None,
@@ -102,7 +103,7 @@ def resolve(argv=None) -> tuple[TrainConfig, bool, str | None]:
   args = vars(build_parser().parse_args(argv))
   preset, distributed, cache = args.pop("config"), args.pop("distributed"), args.pop("compile_cache")
   flags: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
-  preset = preset or preset_for_data(flags.get("data", BARE))
+  preset = preset or kind_of(flags.get("data", BARE))
   cfg = make_config(load_preset(preset), flags)
   logging.info("preset %s%s", preset, "" if not flags else f", flags {', '.join(sorted(flags))}")
   return cfg, distributed, cache
@@ -128,14 +129,13 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  cli.quiet_absl()
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  cli.quiet_absl(logging.WARNING)  # a run shows orbax's warnings
   cfg, distributed, cache = resolve(argv)
   if distributed:
     import jax
     jax.distributed.initialize()
   _compile_cache(cache)
-  from segnext_jax.train_lib import train_and_evaluate
+  from segnext_jax.trainer import train_and_evaluate
   result = train_and_evaluate(cfg)
   if result.get("nothing_to_do"):
     print(result["nothing_to_do"])

@@ -1,9 +1,8 @@
-"""`--data` specs -> datasets, and the pre-training data check (recipe values: segnext_jax/recipes.py).
+"""`--data` specs -> datasets, and the pre-training data check.
 
-Specs: `synthetic`, `folder:PATH` (mmseg custom layout, see folder.py), `ade20k:PATH`,
-`cityscapes:PATH`, `coco_stuff:PATH`, `isaid:PATH`, `voc:PATH`, `pascal_context:PATH` (59
-classes), `pascal_context60:PATH` (see voc.py), `tfds:ade20k_semantic[:DATA_DIR]`. Each dataset has
-`num_classes`, `class_names`, `palette` ((N, 3) uint8 RGB), `len(ds)` and
+The spec kinds and their recipes are recipes.DATA_SPECS; `folder:PATH` is mmseg's custom
+layout (folder.py), `pascal_context:PATH` has 59 classes and `pascal_context60:PATH` 60 (voc.py).
+Each dataset has `num_classes`, `class_names`, `palette` ((N, 3) uint8 RGB), `len(ds)` and
 `ds[i] -> (RGB uint8 (H, W, 3), uint8 label (H, W))`, 255 = ignore.
 """
 from __future__ import annotations
@@ -13,9 +12,11 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from segnext_jax.data.files import DataError, DataWarning, MissingDataError, read_image
-from segnext_jax.data.folder import LAYOUTS, SPLITS, FolderDataset, folder_dataset
+from segnext_jax.data.folder import SPLITS, FolderDataset, folder_dataset
 from segnext_jax.data.synthetic import Synthetic
 from segnext_jax.data.voc import DEVKIT_LAYOUTS, devkit_dataset
+from segnext_jax.errors import InputError, UserError
+from segnext_jax.recipes import parse_spec
 
 __all__ = ["DataError", "DataWarning", "FolderDataset", "MissingDataError", "SegDataset", "Synthetic",
            "check", "make_dataset", "read_image"]
@@ -29,10 +30,6 @@ SCENE_PARSE150_REFUSAL = (
     "segnext_jax.data.tfds_ade20k --manual_dir DIR_WITH_ZIP) and use "
     "tfds:ade20k_semantic[:DATA_DIR]")
 
-# Every spec kind make_dataset reads (tfds: ade20k_semantic); recipes.RECIPES has a row for each.
-SPEC_KINDS = ("synthetic", "tfds", *LAYOUTS, *DEVKIT_LAYOUTS)
-
-
 class SegDataset(Protocol):
   num_classes: int
   class_names: Sequence[str]
@@ -44,30 +41,21 @@ class SegDataset(Protocol):
 
 
 def _parse(spec: str) -> tuple[str, str]:
-  """(kind, argument) of a spec; ValueError (one line) for what no dataset reads."""
-  kind, _, arg = spec.partition(":")
+  """(kind, argument) of a spec (recipes.parse_spec), with the tfds builders this reads."""
+  kind, arg = parse_spec(spec)
   if kind == "tfds":
     name = arg.partition(":")[0]
     if name == "scene_parse150":
-      raise ValueError(SCENE_PARSE150_REFUSAL)
+      raise InputError(SCENE_PARSE150_REFUSAL)
     if name != TFDS_NAME:
-      raise ValueError(f"unsupported tfds dataset {name!r}; use tfds:{TFDS_NAME}[:DATA_DIR]")
-    return kind, arg
-  if kind == "synthetic" and not arg:
-    return kind, arg
-  if kind in LAYOUTS or kind in DEVKIT_LAYOUTS:
-    if not arg:
-      raise ValueError(f"{kind} needs a path: --data {kind}:PATH")
-    return kind, arg
-  raise ValueError(f"unknown dataset {spec!r}; use synthetic, folder:PATH, ade20k:PATH, "
-                   "cityscapes:PATH, coco_stuff:PATH, isaid:PATH, voc:PATH, pascal_context:PATH, "
-                   f"pascal_context60:PATH or tfds:{TFDS_NAME}[:DATA_DIR]")
+      raise InputError(f"unsupported tfds dataset {name!r}; use tfds:{TFDS_NAME}[:DATA_DIR]")
+  return kind, arg
 
 
 def make_dataset(spec: str, split: str) -> SegDataset:
   """The `split` ('train' or 'val') of a --data spec."""
   if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    raise InputError(f"split must be one of {SPLITS}, got {split!r}")
   kind, arg = _parse(spec)
   if kind == "synthetic":
     return Synthetic(length=2000 if split == "train" else 64, split=split)
@@ -75,7 +63,7 @@ def make_dataset(spec: str, split: str) -> SegDataset:
     try:
       from segnext_jax.data.tfds_ade20k import TFDSADE20K
     except ModuleNotFoundError as e:
-      raise ImportError(f"tfds:{TFDS_NAME} needs tensorflow-datasets ({e}): "
+      raise UserError(f"tfds:{TFDS_NAME} needs tensorflow-datasets ({e}): "
                         "pip install -e .[tfds]") from None
     data_dir = arg.partition(":")[2] or None
     return TFDSADE20K("train" if split == "train" else "validation", data_dir)

@@ -16,14 +16,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segnext_jax.data import transforms
-from segnext_jax.data.transforms import IGNORE
+from segnext_jax.data import IGNORE_INDEX
+from segnext_jax.errors import InputError
 
 Source = str | Path | bytes
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
 
 
-class DataError(ValueError):
+class DataError(InputError):
   """A bad data file; the message is one line that starts with the file's path."""
 
 
@@ -86,7 +87,7 @@ def read_mask(src: Source, name: str | None = None) -> np.ndarray:
   if arr.dtype.kind not in "biu":
     raise DataError(f"{name}: mask of {arr.dtype} values; expected integer class indices")
   if arr.dtype != np.uint8:
-    if arr.size and (arr.min() < 0 or arr.max() > IGNORE):
+    if arr.size and (arr.min() < 0 or arr.max() > IGNORE_INDEX):
       raise DataError(f"{name}: label value {int(arr.max())} out of 0..255")
     arr = arr.astype(np.uint8)
   return arr
@@ -99,7 +100,7 @@ def label_lut(reduce_zero_label: bool = False, raw_ids: tuple[int, ...] = ()) ->
   Values beyond the classes map through unchanged, so that `check_label` can name them."""
   lut = np.arange(256).astype(np.uint8)
   if raw_ids:
-    lut = np.full(256, IGNORE, np.uint8)
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
     lut[list(raw_ids)] = np.arange(len(raw_ids))
   return transforms.reduce_zero_label(lut) if reduce_zero_label else lut
 
@@ -107,7 +108,7 @@ def label_lut(reduce_zero_label: bool = False, raw_ids: tuple[int, ...] = ()) ->
 def check_label(hist: np.ndarray, lut: np.ndarray, num_classes: int, name: str) -> None:
   """Raise DataError if a stored value (hist: (256,) counts) maps to no class and is not 255."""
   mapped = lut[np.nonzero(hist)[0]]
-  bad = np.nonzero(hist)[0][(mapped >= num_classes) & (mapped != IGNORE)]
+  bad = np.nonzero(hist)[0][(mapped >= num_classes) & (mapped != IGNORE_INDEX)]
   if bad.size:
     raw = int(bad[0])
     via = "" if lut[raw] == raw else f" (class {lut[raw]} after mapping)"
@@ -117,7 +118,7 @@ def check_label(hist: np.ndarray, lut: np.ndarray, num_classes: int, name: str) 
 
 def warn_if_binary_255(hist: np.ndarray, num_classes: int, name: str) -> bool:
   """Warn when 2-class masks store only 0 and 255 (hist: stored-value counts): 255 is ignore."""
-  if num_classes != 2 or not hist[IGNORE] or np.count_nonzero(hist) != 1 + bool(hist[0]):
+  if num_classes != 2 or not hist[IGNORE_INDEX] or np.count_nonzero(hist) != 1 + bool(hist[0]):
     return False
   warnings.warn(f"{name}: 2-class masks with values 0 and 255 only: 255 is the ignore label, so "
                 "the foreground is never learned; store class 1 as 1", DataWarning, stacklevel=3)

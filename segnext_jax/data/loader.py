@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from segnext_jax.data.datasets import SegDataset
+from segnext_jax.errors import InputError
 
 Batch = dict[str, np.ndarray]
 ENDLESS = 2**62  # elements of a stream (it never ends: the trainer stops reading)
@@ -108,9 +109,9 @@ class TrainLoader:
                process_index: int = 0, process_count: int = 1):
     grain = _grain()
     if global_batch % process_count:
-      raise ValueError(f"batch size {global_batch} is not divisible by {process_count} processes")
+      raise InputError(f"batch size {global_batch} is not divisible by {process_count} processes")
     if workers < 0:
-      raise ValueError(f"workers {workers}: must be 0 (in this process) or more")
+      raise InputError(f"workers {workers}: must be 0 (in this process) or more")
     local = global_batch // process_count
     self.batches = Batches(dataset, transform, seed, global_batch, start_step,
                            process_index * local, local)
@@ -151,7 +152,7 @@ class TrainLoader:
 
   def _next(self) -> tuple[int, Batch]:
     if self._stop.is_set():
-      raise ValueError("TrainLoader: iterating after close()")
+      raise RuntimeError("TrainLoader: iterating after close()")
     batch = self._ahead.get()
     if isinstance(batch, BaseException):
       raise batch

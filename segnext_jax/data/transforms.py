@@ -9,15 +9,16 @@ import dataclasses
 import cv2
 import numpy as np
 
+from segnext_jax.data import IGNORE_INDEX
+
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)   # RGB
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-IGNORE = 255
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
   """mmseg's: 0 (other) -> 255 (ignore), v -> v - 1, 255 stays 255 (ADE20K: 1..150 -> 0..149)."""
   out = label.astype(np.int16) - 1
-  out[(out < 0) | (out == IGNORE - 1)] = IGNORE
+  out[(out < 0) | (out == IGNORE_INDEX - 1)] = IGNORE_INDEX
   return out.astype(np.uint8)
 
 
@@ -61,7 +62,7 @@ def class_counts(label: np.ndarray) -> np.ndarray:
   """Pixel counts of the classes present (ascending class, ignore left out): mmseg's
   np.unique(..., return_counts=True) without the ignore entry, by a histogram instead of a sort."""
   hist = cv2.calcHist([np.ascontiguousarray(label)], [0], None, [256], [0, 256]).ravel()
-  hist[IGNORE] = 0
+  hist[IGNORE_INDEX] = 0
   return hist[hist > 0].astype(np.int64)
 
 
@@ -136,7 +137,7 @@ class TrainPipeline:
     'hw': int32 (2,) the valid rows and columns}: what crosses to the device."""
     img, label = self.augment(img, label, rng)
     out_img = np.zeros((*self.crop, 3), np.uint8)
-    out_lbl = np.full(self.crop, IGNORE, np.uint8)
+    out_lbl = np.full(self.crop, IGNORE_INDEX, np.uint8)
     out_img[:img.shape[0], :img.shape[1]] = img
     out_lbl[:label.shape[0], :label.shape[1]] = label
     return {"image": out_img, "label": out_lbl, "hw": np.array(img.shape[:2], np.int32)}
