@@ -21,9 +21,10 @@ from jax import export as jax_export
 from segnext_jax.checkpoint import load
 from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
-from segnext_jax.model import SegNeXt
+from segnext_jax.model import LOGIT_STRIDE, TOTAL_STRIDE, SegNeXt
 
-SHAPE = "b, 32*h, 32*w"  # jax.export symbolic input dims: H and W are multiples of 32
+# jax.export symbolic input dims: H and W are multiples of the network's total stride
+SHAPE = f"b, {TOTAL_STRIDE}*h, {TOTAL_STRIDE}*w"
 OPSET = 18  # the lowest jax2onnx 0.13 emits valid graphs for (17: ReduceSumSquare with axes input)
 FORMATS = ("onnx", "stablehlo")
 # x (..., C) @ w (C, D) as jax2onnx writes a 1x1 conv: 'abcd,de->abce'.
@@ -31,7 +32,7 @@ MATMUL_EINSUM = re.compile(r"^([a-z]+)([a-z]),\2([a-z])->\1\3$")
 
 
 def input_spec() -> jax.ShapeDtypeStruct:
-  """(B, 32h, 32w, 3) float32 with symbolic b, h, w."""
+  """(B, 32h, 32w, 3) float32 with symbolic b, h, w (32: TOTAL_STRIDE)."""
   b, h, w = jax_export.symbolic_shape(SHAPE)
   return jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32)
 
@@ -44,8 +45,8 @@ def inference_fn(model: SegNeXt, variables: dict) -> Callable[[jax.Array], jax.A
 
 
 def dw_impl(fmt: str, platforms: tuple[str, ...]) -> str:
-  """Depthwise conv backend: the shift loop for CPU-only StableHLO (XLA:CPU's grouped conv is
-  ~4x slower), the grouped conv elsewhere (onnxruntime's depthwise Conv, cuDNN, TPU)."""
+  """Depthwise conv backend: the shift loop for CPU-only StableHLO (the CPU's choice, see
+  depthwise.py), the grouped conv elsewhere (onnxruntime's depthwise Conv, cuDNN, TPU)."""
   return "shift" if fmt == "stablehlo" and platforms == ("cpu",) else "lax"
 
 
@@ -73,8 +74,9 @@ def export_onnx(model: SegNeXt, variables: dict, opset: int = OPSET):
 
 
 def einsums_to_matmul(proto) -> int:
-  """Rewrite trailing-axis Einsums as MatMul (the same product, numpy broadcasting): onnxruntime's
-  Einsum ran SegNeXt's 1x1 convs at ~45% of the model's CPU time. Returns the count."""
+  """Rewrite trailing-axis Einsums as MatMul (the same product, numpy broadcasting): onnxruntime
+  runs the 1x1 convs faster as MatMul (docs/performance.md; benchmarks/export_latency.py times
+  the exported file). Returns the count."""
   count = 0
   for node in proto.graph.node:
     eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "")
@@ -90,9 +92,10 @@ def onnx_metadata(proto, meta: dict) -> None:
   """What a deployment needs besides the graph, as ONNX metadata_props."""
   mean, std = (a.astype(float).round(3).tolist() for a in (MEAN, STD))
   info = dict(variant=meta["variant"], num_classes=meta.get("model", {}).get("num_classes"),
-              input="float32 NHWC (B,H,W,3), RGB, (x - mean) / std, H and W padded to /32",
-              mean=mean, std=std,
-              output="logits (B,H/8,W/8,K)", class_names=json.dumps(meta.get("class_names")))
+              input=("float32 NHWC (B,H,W,3), RGB, (x - mean) / std, H and W padded to "
+                     f"/{TOTAL_STRIDE}"),
+              mean=mean, std=std, output=f"logits (B,H/{LOGIT_STRIDE},W/{LOGIT_STRIDE},K)",
+              class_names=json.dumps(meta.get("class_names")))
   for k, v in info.items():
     entry = proto.metadata_props.add()
     entry.key, entry.value = k, str(v)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segnext_jax.layers import Conv1x1
+from segnext_jax.mscan import STAGE_STRIDES
 from segnext_jax.padding import NO_PADDING, Padding, zero_outside
 from segnext_jax.resize import resize_bilinear
 
@@ -149,7 +150,7 @@ class Hamburger(nn.Module):
 
 
 class LightHamHead(nn.Module):
-  """SegNeXt decode head on stages 2-4; returns logits at the stride-8 resolution. With `pad`
+  """SegNeXt decode head on stages 2-4; returns logits at stage 2's resolution (stride 8). With `pad`
   (the image's padding, padding.py) they are exact inside each image's valid region."""
   num_classes: int = 150
   channels: int = 256
@@ -162,9 +163,10 @@ class LightHamHead(nn.Module):
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], *, train: bool,
                nmf_bases: jax.Array | None = None, pad: Padding = NO_PADDING) -> jax.Array:
-    size = feats[0].shape[1:3]  # feats are stages 2-4 (strides 8, 16, 32), resized to stride 8
-    feats = [feats[0]] + [pad.at(8 * 2 ** i).clamp(f) for i, f in enumerate(feats[1:], 1)]
-    pad = pad.at(8)
+    strides = STAGE_STRIDES[1:]  # feats are stages 2-4, resized to stage 2's size
+    size = feats[0].shape[1:3]
+    feats = [feats[0]] + [pad.at(s).clamp(f) for s, f in zip(strides[1:], feats[1:])]
+    pad = pad.at(strides[0])
     x = jnp.concatenate([resize_bilinear(f, size).astype(self.dtype) for f in feats], axis=-1)
     x = ConvGN(self.ham_channels, dtype=self.dtype, pad=pad, name="squeeze")(x)
     x = Hamburger(self.nmf_rank, nmf_grad=self.nmf_grad, dtype=self.dtype, pad=pad,

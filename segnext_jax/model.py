@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from segnext_jax.depthwise import Impl
 from segnext_jax.ham_head import LightHamHead, NMFGrad
-from segnext_jax.mscan import MSCAN
+from segnext_jax.mscan import MSCAN, STAGE_STRIDES
 from segnext_jax.padding import Padding
 
 # One row per released variant (mmseg 1.x configs/segnext, ADE20K 512x512).
@@ -22,6 +22,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "l": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 27, 3), head_channels=1024, drop_path=0.3),
 }
 MLP_RATIOS = (8, 8, 4, 4)
+# The network's strides, in input pixels, from the backbone's stages:
+TOTAL_STRIDE = STAGE_STRIDES[-1]  # the last stage's: padded inference needs multiples of it
+LOGIT_STRIDE = STAGE_STRIDES[1]   # the logits': the head predicts at its first input, stage 2
 
 
 class SegNeXt(nn.Module):
@@ -31,7 +34,8 @@ class SegNeXt(nn.Module):
   uses, drawn once at init). rng streams: 'nmf' (training's per-image NMF bases; at inference
   only for variables without 'nmf_bases') and, in training, 'dropout' (DropPath, Dropout2d).
   `valid` (B, 2), inference on padded images: each image's (h, w) before the padding, multiples
-  of 32; the logits inside (h/8, w/8) are those of the unpadded image (see padding.py).
+  of TOTAL_STRIDE (32); the logits inside (h, w) / LOGIT_STRIDE (8) are those of the unpadded
+  image (see padding.py).
   Its parts, the units StagedForward compiles one by one, are named by `is_part`.
   """
   embed_dims: Sequence[int] = VARIANTS["t"]["embed_dims"]
@@ -95,7 +99,9 @@ def init_variables(model: SegNeXt, key: jax.Array, image_size: tuple[int, int] =
 def _init_program(model: SegNeXt, image_size: tuple[int, int]):
   """The jitted init of `model` (kept per process: a second init traces nothing)."""
   x = jnp.zeros((1, *image_size, 3), jnp.float32)
-  fast = model.clone(dw_impl="lax", remat=False)  # same variables; compiles several times faster
+  # The same variables from a smaller program: one grouped conv per depthwise conv, where 'shift'
+  # has a slice per tap.
+  fast = model.clone(dw_impl="lax", remat=False)
   return jax.jit(lambda a, b: fast.init({"params": a, "nmf": b}, x, train=False))
 
 
@@ -109,5 +115,5 @@ def fixed_bases(model: SegNeXt, seed: int) -> dict:
 def abstract_variables(model: SegNeXt) -> dict:
   """Shapes/dtypes of the model's variables without computing anything (jax.eval_shape)."""
   key = jax.random.key(0)
-  fast = model.clone(dw_impl="lax", remat=False)  # same variables, traced 2.5x faster
+  fast = model.clone(dw_impl="lax", remat=False)  # same variables, fewer ops to trace (as above)
   return dict(jax.eval_shape(lambda: fast.init({"params": key, "nmf": key}, jnp.zeros((1, 64, 64, 3)))))

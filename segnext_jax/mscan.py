@@ -24,6 +24,8 @@ LAYER_SCALE_INIT = 1e-2
 Dtype = Any
 ConvDef = Callable[..., nn.Module]  # (kernel_size, name=...) -> a depthwise conv module
 DW_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # fan_in = kh*kw for depthwise
+# Each stage's map stride in input pixels: the stem downsamples by 4, each later patch embed by 2.
+STAGE_STRIDES = (4, 8, 16, 32)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -35,9 +37,9 @@ def gelu(x: jax.Array) -> jax.Array:
 def gradient_boundary(x: jax.Array) -> jax.Array:
   """Identity whose cotangent is materialised: the backward passes it through a conditional,
   which XLA cannot fuse across. Without it XLA:CPU fuses the residual stream's elementwise
-  gradient chain through every block of a stage into each consumer (fusions of 400+ operands in
-  L's stage 3), a cost that grows with the square of the depth. Applied where the backend's
-  policy says (backend.py: the CPU)."""
+  gradient chain through every block of a stage into each consumer (fusions whose operands grow
+  with the stage's depth, docs/backends.md), a cost that grows with the square of the depth.
+  Applied where the backend's policy says (backend.py: the CPU)."""
   return x
 
 
@@ -207,7 +209,7 @@ class MSCABlock(nn.Module):
 
 
 class MSCAN(nn.Module):
-  """The MSCAN backbone; returns the four stage maps (strides 4, 8, 16, 32), NHWC; with `pad`
+  """The MSCAN backbone; returns the four stage maps (STAGE_STRIDES), NHWC; with `pad`
   (padded inference, padding.py) they are exact inside each image's valid region. In inference
   every block has drop path 0 (DropPath is the identity there), no remat and no gradient
   boundary (both act on the backward only): a stage's blocks are one module definition, one
@@ -234,7 +236,7 @@ class MSCAN(nn.Module):
         x = OverlapPatchEmbed(dim, self.dtype, name=f"patch_embed{s}")(x, train=train)
       for i in range(depth):
         x = block_cls(ratio, rates[cur + i], self.impl, self.dtype, name=f"block{s}_{i}")(
-            x, train, pad.at(2 ** (s + 1)))
+            x, train, pad.at(STAGE_STRIDES[s - 1]))
         x = boundary(x)
       cur += depth
       x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"norm{s}")(x)

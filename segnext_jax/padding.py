@@ -2,8 +2,8 @@
 region, the logits of the unpadded view, so views of many sizes share a few compiled programs.
 
 `valid` is a (B, 2) int array of each image's (height, width) before the extra padding, a
-multiple of 32 (the model's total stride): every stage map then has an exact valid size. What
-would otherwise leak across the valid border, and what stops it:
+multiple of the network's total stride (model.TOTAL_STRIDE): every stage map then has an exact
+valid size. What would otherwise leak across the valid border, and what stops it:
   * stride-1 spatial convs (the depthwise ones) read zeros past the border: `Padding.zero`.
     Stride-2 convs on even valid sizes never read past it.
   * GroupNorm and NMF statistics sum over the valid positions only: `Padding.mask`.
@@ -24,9 +24,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-STRIDE = 32  # valid sizes must be multiples of the model's total stride
-
 
 def stage_mask(valid: jax.Array, shape: tuple[int, ...], stride: int) -> jax.Array:
   """(B, h, w, 1) bool: True inside each image's valid region of a stride-`stride` NHWC map."""
@@ -78,11 +75,12 @@ NO_PADDING = Padding()
 
 
 def bucket(n: int, per_octave: int) -> int:
-  """The padded length for a valid length n (a multiple of STRIDE): the next of `per_octave`
-  evenly spaced sizes per octave (n itself for per_octave 0). 4 per octave: 512, 640, 768, 896,
-  1024, 1280, ...: views of any size share a few programs for at most 25% (about 12%) more
-  pixels per side."""
-  if per_octave <= 0 or n <= STRIDE:
+  """The padded length for a valid length n (a multiple of the total stride): the next of
+  `per_octave` evenly spaced sizes per octave (n itself for per_octave 0). 4 per octave: 512,
+  640, 768, 896, 1024, 1280, ...: views of any size share a few programs for at most 25% (about
+  12%) more pixels per side."""
+  from segnext_jax.model import TOTAL_STRIDE  # not at the top: model imports this module
+  if per_octave <= 0 or n <= TOTAL_STRIDE:
     return n
-  step = max(STRIDE, (1 << ((n - 1).bit_length() - 1)) // per_octave)
+  step = max(TOTAL_STRIDE, (1 << ((n - 1).bit_length() - 1)) // per_octave)
   return -(-n // step) * step

@@ -9,7 +9,8 @@ import pytest
 
 from segnext_jax import nmf2d, random_bases, segnext
 from segnext_jax.depthwise import depthwise_conv2d
-from segnext_jax.model import abstract_variables
+from segnext_jax.model import LOGIT_STRIDE, TOTAL_STRIDE, abstract_variables
+from segnext_jax.mscan import STAGE_STRIDES
 
 PAPER_PARAMS_M = {"t": 4.3, "s": 13.9, "b": 27.6, "l": 48.9}
 
@@ -53,6 +54,18 @@ def test_logits_are_stride_8_ceil(tiny, hw):
   model, v = tiny
   y = jax.jit(lambda v, x: model.apply(v, x, rngs={"nmf": jax.random.key(0)}))(v, jnp.zeros((2, *hw, 3)))
   assert y.shape == (2, -(-hw[0] // 8), -(-hw[1] // 8), 150) and y.dtype == jnp.float32
+
+
+def test_stride_constants_are_the_models_shapes(tiny):
+  """STAGE_STRIDES, TOTAL_STRIDE and LOGIT_STRIDE (what padding and evaluation rely on) are the
+  strides of the stage maps and the logits the model gives."""
+  model, v = tiny
+  y, out = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+      v, jnp.zeros((1, 64, 96, 3)))
+  stages = [out["intermediates"]["backbone"][f"stage{s}"][0] for s in range(1, 5)]
+  assert [x.shape[1:3] for x in stages] == [(64 // s, 96 // s) for s in STAGE_STRIDES]
+  assert (STAGE_STRIDES, TOTAL_STRIDE, LOGIT_STRIDE) == ((4, 8, 16, 32), 32, 8)
+  assert y.shape[1:3] == (64 // LOGIT_STRIDE, 96 // LOGIT_STRIDE)
 
 
 def test_inference_uses_the_fixed_bases_training_draws_per_image(tiny):

@@ -18,8 +18,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from segnext_jax import padding
 from segnext_jax.eval.config import InferenceConfig
+from segnext_jax.model import TOTAL_STRIDE
 
 Key = tuple[int, int, int]  # (batch, canvas height, canvas width)
 
@@ -56,11 +56,11 @@ class CompiledForward:
   def __call__(self, variables: dict, views, valid: np.ndarray, batch: int | None = None) -> jax.Array:
     b, hc, wc = self.key(views[0].shape[:2], len(views), batch)
     images = np.zeros((b, hc, wc, 3), np.float32)
-    full = np.full((b, 2), padding.STRIDE, np.int32)  # filler images: any valid size
+    full = np.full((b, 2), TOTAL_STRIDE, np.int32)  # filler images: any valid size
     for i, x in enumerate(views):
-      if x.shape[0] % padding.STRIDE or x.shape[1] % padding.STRIDE:
+      if x.shape[0] % TOTAL_STRIDE or x.shape[1] % TOTAL_STRIDE:
         raise ValueError(f"view {i} has shape {x.shape[:2]}: padded inference needs multiples of "
-                         f"{padding.STRIDE} (size_divisor {self.cfg.size_divisor})")
+                         f"{TOTAL_STRIDE} (size_divisor {self.cfg.size_divisor})")
       if self.cfg.canvas(x.shape[:2]) != (hc, wc):
         raise ValueError(f"view {i} of shape {x.shape[:2]} is not in canvas {(hc, wc)}")
       images[i, :x.shape[0], :x.shape[1]] = x

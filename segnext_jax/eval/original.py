@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from segnext_jax.eval.views import Size
+from segnext_jax.model import LOGIT_STRIDE
 from segnext_jax.resize import Band, bilinear_matrix
 
 TAPS = 3  # source rows per output row of the composed resize (2 bilinear taps of 2 taps: <= 3)
 TILE = 128  # output tiles are TILE x TILE: one program per logits shape, whatever the image size
-STRIDE = 8  # the model's logits stride
 
 
 @functools.lru_cache(maxsize=4096)
@@ -36,7 +36,7 @@ def axis_band(n_ori: int, n_valid: int, n_padded: int | None, n_src: int, flip: 
   if flip:  # column c of the flipped view is column n_valid - 1 - c of the unflipped one
     m = m[:, ::-1]
   if n_padded is not None:
-    m = m @ bilinear_matrix(n_padded, -(-n_padded // STRIDE)).astype(np.float64)[:n_valid]
+    m = m @ bilinear_matrix(n_padded, -(-n_padded // LOGIT_STRIDE)).astype(np.float64)[:n_valid]
   if m.shape[1] > n_src:
     raise ValueError(f"{m.shape[1]} logit rows needed, the logits have {n_src}")
   full = np.zeros((max(n_ori, TILE), n_src))
