@@ -2,7 +2,8 @@
 
 - 'shift': a sum of shifted, per-channel-scaled slices (one fused loop), with a custom VJP whose
   backward is again a shift-and-scale conv (input grad) plus one reduction per tap (kernel grad).
-  XLA:CPU's grouped convolution is 15-20x slower than torch for MSCA's strip kernels.
+  XLA:CPU's grouped convolution runs MSCA's strip kernels far slower than torch's
+  (benchmarks/depthwise.py measures each implementation and torch; docs/backends.md).
 - 'lax': the library grouped conv (cuDNN, TPU) forward, with a custom VJP: input grad as a
   grouped conv with the flipped kernel, kernel grad as per-tap product-sums. Autodiff would write
   the kernel grad as a `batch_group_count` convolution, as slow as a dense one on CUDA
@@ -64,8 +65,12 @@ def _shift_bwd(res, g):
   return gx, _kernel_grad(x, g, kh, kw).astype(kernel.dtype)
 
 
-KERNEL_GRAD_ROWS = 8  # rows per scan step of the strip-wise kernel gradient (best of 4-128)
-STRIPWISE_MAX_TAPS = 9  # the MLP's 3x3; MSCA's 5x5 and strips are faster one pass per tap
+# Rows per scan step of the strip-wise kernel gradient: the strip and its taps' products stay in
+# cache. Kernels of up to STRIPWISE_MAX_TAPS taps (the MLP's 3x3) use it; MSCA's 5x5 and strips
+# take one pass per tap, which measured faster for them. benchmarks/depthwise.py times the
+# backward at every kernel shape (docs/performance.md has the measurements behind both values).
+KERNEL_GRAD_ROWS = 8
+STRIPWISE_MAX_TAPS = 9
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
@@ -87,9 +92,8 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
 
 def _kernel_grad_stripwise(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
   """The same sums from a scan over strips of KERNEL_GRAD_ROWS rows of one image: each tap's
-  product-sum is taken while the strip sits in cache, instead of a pass over the map per tap
-  (the 3x3 on a (2,128,128,256) map: 31 -> 16 ms; for strips of 21 taps the per-step overhead
-  loses). Rows past the map are zero in g: they add 0."""
+  product-sum is taken while the strip sits in cache, instead of a pass over the map per tap.
+  Rows past the map are zero in g: they add 0."""
   b, h, w, c = x.shape
   rows = min(KERNEL_GRAD_ROWS, h)
   n = -(-h // rows)

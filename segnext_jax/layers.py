@@ -14,8 +14,9 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class Conv1x1(nn.Module):
-  """A 1x1 conv (kernel stored as flax's (1, 1, Cin, Cout)) computed as a matmul: XLA:CPU runs
-  it ~1.5x faster than the equivalent convolution."""
+  """A 1x1 conv (kernel stored as flax's (1, 1, Cin, Cout)) computed as a matmul, which XLA:CPU
+  runs faster than the equivalent convolution (docs/performance.md; benchmarks/op_profile.py
+  shows the 1x1 convs' share of a step)."""
   features: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32

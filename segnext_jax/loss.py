@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from segnext_jax import backend
-from segnext_jax.resize import (IGNORE_INDEX, bilinear_bands, bilinear_matrix, resize_bilinear,
+from segnext_jax.data import IGNORE_INDEX
+from segnext_jax.resize import (bilinear_bands, bilinear_matrix, resize_bilinear,
                                 support_windows)
 
-ROWS_PER_CHUNK = 16  # full-resolution label rows per scan step (measured best of 16-128 on T 2x512)
+# Full-resolution label rows per scan step: a chunk's scores stay in cache, and fewer rows mean
+# more steps (benchmarks/loss.py times the loss; docs/performance.md has the value's measurement).
+ROWS_PER_CHUNK = 16
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,9 +1,10 @@
 """SegNeXt inference as one compiled program per kind of part instead of one per network.
 
 XLA compiles a program in time proportional to its fusions, and a whole-network program holds
-every block's: ~5 s for T at each new input shape, most of an evaluation with test-time
+every block's, compiled again at each new input shape: most of an evaluation with test-time
 augmentation (6 new shapes per image size). The blocks of a stage are equal, so here they share
-one program: a new shape compiles the stem, 3 patch embeds, 4 blocks, 4 norms and the head.
+one program: a new shape compiles the stem, 3 patch embeds, 4 blocks, 4 norms and the head
+(`benchmarks/gpu.py` times both ways; docs/performance.md#evaluation has the CPU numbers).
 
 How: the model's own forward runs (`model.apply(train=False)`, in Python), and each call of one
 of its parts (`model.is_part`) is routed, by flax's method interception, to a jitted program of
@@ -13,9 +14,8 @@ Nothing here restates the network: a layer added to the backbone or the head is 
 is. Why this way: the forward's walk (per stage: embed, blocks, norm; then the head on stages
 2-4) is written once, in the modules' `__call__`, and runs unchanged. A parts list, or `setup`
 attributes bound and unbound here, would need that walk a second time, here or in a runner the
-model's code is rewritten around. The cost is Python: flax builds the module tree per call,
-measured 4.5 ms more per T forward than a hand-written walk (0.2 ms per part) on the CPU, next
-to ~130 ms of compute per 512x512 image.
+model's code is rewritten around. The cost is Python: flax builds the module tree per call, a
+fixed cost per part, small next to a 512x512 image's compute (docs/performance.md).
 
 `StagedForward(model)(variables, images, valid)` runs it; `.lower(...).compile()` compiles every
 part ahead (abstract arguments), as `jax.jit(f).lower(...).compile()` does for one program.

@@ -55,7 +55,7 @@ def tiny_model(impl: str = "shift"):
 
 
 def random_variables(model, seed: int) -> tuple[dict, dict]:
-  """float64 (params, batch_stats) drawn as testing.randomize_ draws them: fan-in scaled
+  """float64 (params, batch_stats) drawn as mmseg_reference.randomize_ draws them: fan-in scaled
   kernels, non-trivial norm scales, biases and layer scales. No init compile (eval_shape only)."""
   rng = np.random.default_rng(seed)
   shapes = abstract_variables(model)
