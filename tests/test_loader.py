@@ -1,9 +1,11 @@
-"""TrainLoader on grain worker processes: the same batches as the previous thread loader (to the
-bit, after the train step's normalisation), independent of the worker count and per-process
-shards, worker faults as one-line DataErrors, no processes left behind, and a uint8 train step
-equal to the float32 one."""
+"""TrainLoader on grain worker processes: the batches of mmseg's own train pipeline (to the bit,
+after the train step's normalisation), independent of the worker count and per-process shards,
+worker faults as one-line DataErrors, no processes left behind, and a uint8 train step equal to
+the float32 one."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import signal
 import subprocess
@@ -11,8 +13,8 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from unittest import mock
 
-import cv2
 import jax
 import numpy as np
 import psutil
@@ -21,78 +23,75 @@ import pytest
 from conftest import shm_left
 from segnext_jax.data.datasets import DataError, make_dataset
 from segnext_jax.data.loader import TrainLoader
-from segnext_jax.data.transforms import IGNORE, TrainPipeline, device_normalize, normalize, rescale_size, \
-    resize_image, resize_label
+from segnext_jax.data import IGNORE_INDEX as IGNORE
+from segnext_jax.data.transforms import TrainPipeline, device_normalize
+from segnext_jax.mmseg_reference import stub_mmcv_ops
 
 REPO = Path(__file__).resolve().parents[1]
 ADE = Path(__file__).parent / "data" / "ade20k_val3"
 PIPE = TrainPipeline(crop=(64, 64), scale=(256, 64))  # ratio 0.5 gives images under the crop: padded
+MMSEG_CONFIG = "segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py"
 normalize_jit = jax.jit(device_normalize)
 
 
 # ---------------------------------------------------------------------------------------------
-# The previous loader (commit 1c81527: a thread pool over TrainPipeline, float32 batches), kept
-# here as the reference: per-pixel float32 photometric steps, np.unique crop counts, np flips.
+# The oracle: mmseg 1.x's own train pipeline and SegDataPreProcessor, built from its SegNeXt
+# ADE20K config (crop and scale set to PIPE's), run on the samples the loader reads. mmseg draws
+# from numpy's global random functions; `draws_from(rng)` serves each such call from the
+# Generator the loader gives the sample (one draw of the same distribution per call), so both
+# pipelines see the same random numbers and must make the same decisions with them.
 
-def _old_convert(x, alpha=1.0, beta=0.0):
-  return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-
-def _old_photometric(img, rng):
-  if rng.integers(2):
-    img = _old_convert(img, beta=rng.uniform(-32, 32))
-  contrast_first = rng.integers(2) == 1
-  if contrast_first and rng.integers(2):
-    img = _old_convert(img, alpha=rng.uniform(0.5, 1.5))
-  if rng.integers(2):
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    hsv[..., 1] = _old_convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
-    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-  if rng.integers(2):
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-    hsv[..., 0] = ((hsv[..., 0].astype(int) + rng.integers(-18, 18)) % 180).astype(np.uint8)
-    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-  if not contrast_first and rng.integers(2):
-    img = _old_convert(img, alpha=rng.uniform(0.5, 1.5))
-  return img
+@contextlib.contextmanager
+def draws_from(rng: np.random.Generator):
+  """numpy.random's legacy functions, as mmcv/mmseg's transforms call them, drawing from `rng`."""
+  def choice(options, p):  # legacy choice with p: the first option whose cumulative p exceeds u
+    return options[int(np.searchsorted(np.cumsum(p), rng.random(), side="right"))]
+  with mock.patch.multiple(np.random, random_sample=lambda: rng.random(),
+                           randint=lambda low, high=None: rng.integers(low, high),
+                           uniform=lambda low, high: rng.uniform(low, high), choice=choice):
+    yield
 
 
-def _old_crop(img, label, rng, crop, cat_max_ratio=0.75, tries=10):
-  def offsets():
-    mh, mw = max(img.shape[0] - crop[0], 0), max(img.shape[1] - crop[1], 0)
-    return int(rng.integers(0, mh + 1)), int(rng.integers(0, mw + 1))
-  y, x = offsets()
-  for _ in range(tries):
-    classes, counts = np.unique(label[y:y + crop[0], x:x + crop[1]], return_counts=True)
-    counts = counts[classes != IGNORE]
-    if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-      break
-    y, x = offsets()
-  return img[y:y + crop[0], x:x + crop[1]], label[y:y + crop[0], x:x + crop[1]]
+@functools.cache
+def mmseg_train_steps(crop: tuple[int, int], scale: tuple[int, int]) -> tuple[list, object]:
+  """The config's train_pipeline after its two loading steps (RandomResize, RandomCrop,
+  RandomFlip, PhotoMetricDistortion, PackSegInputs) and its SegDataPreProcessor (normalise,
+  BGR to RGB, pad to the crop with 0 and 255), with `crop` and `scale`."""
+  stub_mmcv_ops()
+  import mmseg
+  from mmengine.config import Config
+  from mmseg.registry import MODELS, TRANSFORMS
+  from mmseg.utils import register_all_modules
+  register_all_modules()
+  cfg = Config.fromfile(Path(mmseg.__file__).parent / ".mim/configs" / MMSEG_CONFIG)
+  changes = {"RandomResize": {"scale": scale}, "RandomCrop": {"crop_size": crop}}
+  steps = [TRANSFORMS.build({**t, **changes.get(t["type"], {})})
+           for t in cfg.train_pipeline if not t["type"].startswith("Load")]
+  return steps, MODELS.build({**cfg.model.data_preprocessor, "size": crop})
 
 
-def _old_sample(img, label, rng, crop=PIPE.crop, scale=PIPE.scale):
-  ratio = rng.uniform(0.5, 2.0)
-  hw = rescale_size(img.shape[:2], (int(scale[0] * ratio), int(scale[1] * ratio)))
-  img, label = resize_image(img, hw), resize_label(label, hw)
-  img, label = _old_crop(img, label, rng, crop)
-  if rng.random() < 0.5:
-    img, label = img[:, ::-1], label[:, ::-1]
-  img = _old_photometric(np.ascontiguousarray(img), rng)
-  out_img, out_lbl = np.zeros((*crop, 3), np.float32), np.full(crop, IGNORE, np.uint8)
-  out_img[:img.shape[0], :img.shape[1]] = normalize(img)
-  out_lbl[:label.shape[0], :label.shape[1]] = label
-  return out_img, out_lbl
-
-
-def _old_batch(ds, global_batch, seed, step, slots):
+def mmseg_batch(ds, global_batch: int, seed: int, step: int, slots) -> dict:
+  """mmseg's float32 batch of the given slots of `step`: the loader's sample order (consecutive
+  slices of the permutation seeded by (seed, epoch)), each sample's draws from the Generator
+  seeded by (seed, step, slot). Images enter mmseg as it loads them, BGR."""
+  steps, preprocess = mmseg_train_steps(PIPE.crop, PIPE.scale)
   per_epoch = max(len(ds) // global_batch, 1)
   epoch, pos = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(len(ds))
-  idx = perm[np.arange(pos * global_batch, (pos + 1) * global_batch) % len(ds)]
-  samples = [_old_sample(*ds[int(idx[s])], np.random.default_rng([seed, step, s])) for s in slots]
-  return {"image": np.stack([s[0] for s in samples]),
-          "label": np.stack([s[1] for s in samples]).astype(np.int32)}
+  packed = []
+  for slot in slots:
+    img, label = ds[int(perm[(pos * global_batch + slot) % len(ds)])]
+    results = {"img": np.ascontiguousarray(img[..., ::-1]), "gt_seg_map": label,
+               "seg_fields": ["gt_seg_map"], "img_shape": img.shape[:2], "ori_shape": img.shape[:2]}
+    with draws_from(np.random.default_rng([seed, step, slot])):
+      for t in steps:
+        results = t(results)
+    packed.append(results)
+  out = preprocess({"inputs": [p["inputs"] for p in packed],
+                    "data_samples": [p["data_samples"] for p in packed]}, training=True)
+  labels = [d.gt_sem_seg.data[0].numpy() for d in out["data_samples"]]
+  return {"image": out["inputs"].permute(0, 2, 3, 1).numpy(),
+          "label": np.stack(labels).astype(np.int32)}
 
 
 def _take(loader: TrainLoader, n: int) -> list[tuple[int, dict]]:
@@ -123,10 +122,10 @@ def _children() -> list[psutil.Process]:
 
 # ---------------------------------------------------------------------------------------------
 
-def test_batches_are_the_previous_loaders_to_the_bit():
+def test_batches_are_mmsegs_train_pipeline_to_the_bit():
   """Real ADE20K JPEGs, small crops with padding: records normalised as the train step does are
-  the previous loader's float32 batches bit for bit, labels equal, for a fresh start and a
-  resumed one, for the whole batch and for a process's shard."""
+  the float32 batches of mmseg's train pipeline and preprocessor bit for bit, labels equal, for
+  a fresh start and a resumed one, for the whole batch and for a process's shard."""
   ds = make_dataset(f"ade20k:{ADE}", "val")
   for seed, start, pi, pc in [(0, 0, 0, 1), (7, 5, 0, 1), (7, 5, 1, 2)]:
     local = 4 // pc
@@ -136,32 +135,46 @@ def test_batches_are_the_previous_loaders_to_the_bit():
     for k, (step, batch) in enumerate(got):
       assert step == start + k
       assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.uint8
-      ref = _old_batch(ds, 4, seed, step, slots)
+      ref = mmseg_batch(ds, 4, seed, step, slots)
       image = np.asarray(normalize_jit(batch["image"], batch["hw"]))
-      assert image.dtype == np.float32
+      assert image.dtype == np.float32 and ref["image"].dtype == np.float32
       assert np.array_equal(image.view(np.uint32), ref["image"].view(np.uint32)), (seed, step)
       assert np.array_equal(batch["label"].astype(np.int32), ref["label"]), (seed, step)
   padded = (batch["hw"] < 64).any()
   assert padded or any((b["hw"] < 64).any() for _, b in got)  # the padding path was taken
 
 
-def test_crop_retries_decide_as_mmsegs_unique_counts():
-  """cat_max_ratio decisions from the histogram counts are np.unique's (ignore left out) on
-  labels made of a few large classes and ignore regions, where the re-draws matter."""
+def test_crop_retries_decide_as_mmsegs_random_crop():
+  """random_crop's cat_max_ratio decisions (histogram counts, ignore left out) and its number of
+  re-draws are mmseg RandomCrop's (np.unique counts, 10) from the same draws: the same crop, told
+  apart by the image, which codes each pixel's position. Labels of a few large classes and ignore
+  regions (re-draws happen, not always), and of one class with a small square of another (a crop
+  that passes is rare: the re-draws often run out)."""
   from segnext_jax.data.transforms import random_crop
-  redrawn = 0
+  stub_mmcv_ops()
+  from mmseg.datasets.transforms import RandomCrop
+  mmseg_crop = RandomCrop((40, 40), cat_max_ratio=0.75)
+  rows, cols = np.mgrid[:96, :128]
+  img = np.stack([rows, cols, rows ^ cols], -1).astype(np.uint8)
+  draws = {"blocks": [], "square": []}  # per label: how many offsets random_crop drew
   for seed in range(60):
     g = np.random.default_rng(seed)
-    label = np.repeat(np.repeat(g.choice([0, 1, 2, IGNORE], (6, 8), p=[.4, .1, .1, .4]), 16, 0), 16, 1)
-    label = label.astype(np.uint8)
-    img = np.zeros((*label.shape, 3), np.uint8)
-    a, b = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 1])
-    new, old = random_crop(img, label, a, (40, 40)), _old_crop(img, label, b, (40, 40))
-    assert np.array_equal(new[1], old[1]), seed
-    once = np.random.default_rng([seed, 1])
-    once.integers(0, label.shape[0] - 39), once.integers(0, label.shape[1] - 39)
-    redrawn += a.integers(1 << 30) != once.integers(1 << 30)
-  assert 10 < redrawn < 60  # re-draws happened, and not always
+    blocks = g.choice([0, 1, 2, IGNORE], (6, 8), p=[.4, .1, .1, .4]).repeat(16, 0).repeat(16, 1)
+    square = np.zeros((96, 128), np.uint8)
+    side, y, x = g.integers(21, 31), g.integers(0, 66), g.integers(0, 98)
+    square[y:y + side, x:x + side] = 1
+    for kind, label in (("blocks", blocks.astype(np.uint8)), ("square", square)):
+      a = np.random.default_rng([seed, 1])
+      ours = random_crop(img, label, a, (40, 40))
+      with draws_from(np.random.default_rng([seed, 1])):
+        ref = mmseg_crop({"img": img, "gt_seg_map": label, "seg_fields": ["gt_seg_map"]})
+      assert np.array_equal(ours[0], ref["img"]), (kind, seed)
+      assert np.array_equal(ours[1], ref["gt_seg_map"]), (kind, seed)
+      replay = np.random.default_rng([seed, 1])
+      draws[kind].append(next(n for n in range(1, 12) if np.array_equal(
+          [replay.integers(0, 57), replay.integers(0, 89)], ours[0][0, 0, :2])))
+  assert 10 < sum(n > 1 for n in draws["blocks"]) < 60  # re-draws happened, and not always
+  assert 10 < draws["square"].count(11) < 60  # 1 + 10 draws: the re-draws ran out
 
 
 def test_worker_processes_give_the_in_process_batches_and_shards_partition():
@@ -291,10 +304,10 @@ def test_close_leaves_no_processes_and_workers_ignore_signals_and_follow_the_tra
               and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "workers outlived the trainer"
 
 
-@pytest.mark.slow  # two TINY train-step compiles (~1 min on 2 quiet cores)
+@pytest.mark.slow  # two TINY train-step compiles
 def test_uint8_train_step_is_the_float32_step_to_the_bit():
-  """The same batch as uint8 records (normalised and padded in the step) and as the previous
-  float32 batch (host-normalised): loss, gradient norm, updated parameters and BN statistics
+  """The same batch as uint8 records (normalised and padded in the step) and as mmseg's float32
+  batch (host-normalised): loss, gradient norm, updated parameters and BN statistics
   equal bit for bit (TINY model, one padded sample in the batch)."""
   from conftest import TINY
   from segnext_jax.config import TrainConfig
@@ -305,7 +318,7 @@ def test_uint8_train_step_is_the_float32_step_to_the_bit():
   cfg = TrainConfig(model_overrides=TINY, batch_size=2, crop_size=64, warmup_steps=1, steps=10)
   step, u8 = _take(TrainLoader(ds, PIPE, 2, seed=0, start_step=2, workers=0), 1)[0]
   assert (u8["hw"] < 64).any()  # a padded sample: the padding is part of what is compared
-  f32 = _old_batch(ds, 2, 0, step, range(2))
+  f32 = mmseg_batch(ds, 2, 0, step, range(2))
   model = build_model(cfg, ds.num_classes)
   mesh = make_mesh()
   variables = jax.device_get(init_variables(model, jax.random.key(0)))  # host: each state its own
