@@ -1,8 +1,9 @@
 """Pretrained weights for training: the same conversion as the converter, then one explicit merge.
 
 `load_pretrained(path, variables, variant)` accepts an ImageNet MSCAN .pth (mmseg or official), a
-segmentor .pth or a converted / train.py checkpoint directory, and overlays it on freshly
-initialised `variables`. What was not loaded is named, never silent.
+segmentor .pth, a converted / train.py checkpoint directory, or a released model's name (zoo.py:
+its .pth, downloaded once), and overlays it on freshly initialised `variables`. What was not
+loaded is named, never silent.
 """
 from __future__ import annotations
 
@@ -57,10 +58,13 @@ def merge(init: dict, source: dict) -> tuple[dict, MergeReport]:
   return traverse_util.unflatten_dict(out), report
 
 
-def read_source(path: str) -> tuple[dict, str, dict]:
-  """(variables, variant, custom size) of a .pth (converted on the fly) or a checkpoint directory;
-  the custom size is the source's embed_dims / depths / head_channels overrides ({} if none)."""
-  if Path(path).is_dir():
+def read_source(path: str | Path) -> tuple[dict, str, dict]:
+  """(variables, variant, custom size) of a .pth (converted on the fly), a checkpoint directory or
+  a release's name; the custom size is the source's embed_dims / depths / head_channels
+  overrides ({} if none)."""
+  from segnext_jax import zoo
+  path = zoo.local(path)
+  if path.is_dir():
     from segnext_jax import checkpoint
     _, variables, meta = checkpoint.load(path, backbone_only_ok=True)
   else:
