@@ -39,7 +39,8 @@ class TrainConfig:
       "help": 'extra segnext() kwargs as JSON, e.g. \'{"depths": [1, 1, 1, 1]}\''})
   data: str = _f("synthetic", DATA_HELP)
   workdir: str = _f("runs/segnext", "checkpoints, config.json, metrics.jsonl, TensorBoard events")
-  pretrained: str = _f("", "ImageNet MSCAN .pth (mmseg/official), segmentor .pth or converted dir")
+  pretrained: str = _f("", "ImageNet MSCAN .pth (mmseg/official), segmentor .pth, converted dir, "
+                       "or a released model's name (docs/zoo.md)")
   steps: int = _f(_ADE["steps"], "total iterations")
   batch_size: int = _f(16, "global batch (split across devices and processes)")
   crop_size: int = _f(_ADE["crop_size"], "square train crop")
@@ -140,7 +141,8 @@ def recipe_diff(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 def validate(cfg: TrainConfig, devices: int, processes: int) -> None:
   """Refuse settings that cannot run (ValueError naming the flag), before anything is written;
   warn about ones that run but are probably not meant."""
-  from segnext_jax import backend, best_checkpoint
+  from segnext_jax import backend, best_checkpoint, zoo
+  from segnext_jax.model import TOTAL_STRIDE
   backend.policy()  # a bad SEGNEXT_JAX_POLICY: its one-line error before the workdir is touched
   flag = lambda name: "--" + name.replace("_", "-")
   for name in ("steps", "batch_size", "crop_size", "ckpt_every", "log_every", "eval_every",
@@ -155,8 +157,9 @@ def validate(cfg: TrainConfig, devices: int, processes: int) -> None:
   if cfg.batch_size % devices:
     raise InputError(f"--batch-size {cfg.batch_size}: must be a multiple of the {devices} devices "
                      f"({processes} process{'es' if processes > 1 else ''}), which split each batch")
-  if cfg.crop_size < 32:
-    raise InputError(f"--crop-size {cfg.crop_size}: must be at least 32 (the network's stride)")
+  if cfg.crop_size < TOTAL_STRIDE:
+    raise InputError(f"--crop-size {cfg.crop_size}: must be at least {TOTAL_STRIDE} (the network's "
+                     "stride)")
   for name in ("resize_scale", "eval_crop", "eval_stride"):
     if min(getattr(cfg, name)) < 1:
       raise InputError(f"{flag(name)} {' '.join(map(str, getattr(cfg, name)))}: must be positive")
@@ -165,6 +168,8 @@ def validate(cfg: TrainConfig, devices: int, processes: int) -> None:
                      "sliding windows would leave gaps")
   if cfg.save_best:
     best_checkpoint.check_metric(cfg.save_best)
+  if cfg.pretrained:
+    zoo.check_source(cfg.pretrained)  # an unknown name: one line, before the workdir is touched
   if cfg.warmup_steps > cfg.steps:
     logging.getLogger("segnext_jax.train").warning(
         "--warmup-steps %d is longer than the run (--steps %d): the lr never reaches --lr",

@@ -131,12 +131,17 @@ def url(rel: Release) -> str:
 def local(arg: str | os.PathLike) -> Path:
   """`arg` as a local path: itself when it exists or reads as a path (a separator, a suffix),
   else the fetched .pth of the release it names; any other bare word is an unknown name."""
+  rel = check_source(arg)
+  return fetch(rel.name) if rel is not None else Path(arg)
+
+
+def check_source(arg: str | os.PathLike) -> Release | None:
+  """The release `arg` names, None when it is (or reads as) a path; an InputError for a bare word
+  that is neither: checked before anything is downloaded or written."""
   path = Path(arg)
   rel = named(arg)
-  if rel is not None:
-    return fetch(rel.name)
-  if path.exists() or path.suffix or len(Path(arg).parts) > 1 or os.sep in str(arg):
-    return path
+  if rel is not None or path.exists() or path.suffix or len(path.parts) > 1 or os.sep in str(arg):
+    return rel
   raise InputError(f"{arg}: no such file or directory, nor a released model "
                    f"({', '.join(r.name for r in RELEASES)})")
 

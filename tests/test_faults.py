@@ -309,6 +309,9 @@ def test_settings_against_devices_and_warmup_warning(tmp_path, caplog):
     config.validate(tiny_cfg(tmp_path, batch_size=3), devices=2, processes=1)
   config.validate(tiny_cfg(tmp_path, warmup_steps=30, steps=20), devices=1, processes=1)
   assert "--warmup-steps 30 is longer than the run (--steps 20)" in caplog.text
+  with pytest.raises(ValueError, match="mscan_x: no such file or directory, nor a released model"):
+    config.validate(tiny_cfg(tmp_path, pretrained="mscan_x"), devices=1, processes=1)
+  config.validate(tiny_cfg(tmp_path, pretrained="mscan-l_imagenet"), devices=1, processes=1)
 
 
 def test_recipe_refusal_needs_a_complete_checkpoint_and_a_done_run_says_so(straight, tmp_path, capsys):
