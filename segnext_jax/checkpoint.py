@@ -6,7 +6,8 @@
 
 `convert/from_torch.py` writes step 0 of a fresh DIR; `train.py` writes steps of its workdir.
 `load(DIR)` reads the latest step of either, restoring onto the devices of THIS process, so a
-checkpoint written on 8 devices (or 2 processes) loads on 1 and the other way round.
+checkpoint written on 8 devices (or 2 processes) loads on 1 and the other way round; `locate`
+resolves a path and reads its metadata once (cheap), `load_located` then restores that step.
 
 A *complete* step is a step directory holding every item it needs; an interrupted save leaves
 `<step>.orbax-checkpoint-tmp*` (never a step), a damaged step found on resume is renamed
@@ -15,6 +16,7 @@ to "which steps are there?" (and so to "is this a resume?").
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -26,18 +28,21 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from segnext_jax.errors import InputError
 from segnext_jax.model import SegNeXt, abstract_variables, segnext
 
 ITEMS = ("model", "opt", "meta")
 SUBDIR = "checkpoints"
 TMP_MARK = ".orbax-checkpoint-tmp"
 UNREADABLE = ".unreadable"
+# The image files predict.py reads and describe_path names: what data/files.read_image (OpenCV)
+# decodes; GIF needs OpenCV >= 4.12 (older builds: "not a readable image").
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 log = logging.getLogger("segnext_jax.checkpoint")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A path that is not a usable checkpoint, or a step that cannot be read; one line."""
 
 
@@ -161,10 +166,6 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[Path, int
   return path, step
 
 
-def latest_step(mngr: ocp.CheckpointManager, ckpt_dir) -> int:
-  return resolve(ckpt_dir)[1]
-
-
 def _unreadable(path: Path, step: int, e: Exception) -> CheckpointError:
   others = [s for s in complete_steps(path) if s != step]
   hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
@@ -172,14 +173,30 @@ def _unreadable(path: Path, step: int, e: Exception) -> CheckpointError:
                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}){hint}")
 
 
-def read_meta(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-  """The metadata of DIR's latest (or given) step."""
-  path, step = resolve(ckpt_dir, step)
+@dataclasses.dataclass(frozen=True)
+class Located:
+  """One complete step of a checkpoint directory and its metadata: what `locate` found and
+  `load_located` restores, so a command resolves and reads a checkpoint once."""
+  dir: Path
+  step: int
+  meta: dict[str, Any]
+
+
+def locate(path: str | os.PathLike, step: int | None = None) -> Located:
+  """The checkpoint at `path` (see `resolve`), its metadata read (cheap: no arrays);
+  CheckpointError names a bad path, a missing step or an unreadable one."""
+  path, step = resolve(path, step)
   with manager(path) as mngr:
     try:
-      return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # orbax raises many kinds on damaged files
       raise _unreadable(path, step, e) from None
+  return Located(path, step, dict(meta))
+
+
+def read_meta(ckpt_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+  """The metadata of DIR's latest (or given) step."""
+  return locate(ckpt_dir, step).meta
 
 
 def build_model(meta: dict[str, Any], **overrides: Any) -> SegNeXt:
@@ -205,10 +222,15 @@ def load(ckpt_dir: str | os.PathLike, step: int | None = None, *, backbone_only_
          **overrides: Any) -> tuple[SegNeXt, dict, dict[str, Any]]:
   """(model, variables, meta) of a converted checkpoint or a train.py workdir (latest step, or
   `step`; ckpt_dir may also be DIR/checkpoints/<step>)."""
-  ckpt_dir, step = resolve(ckpt_dir, step)
-  meta = read_meta(ckpt_dir, step)
+  return load_located(locate(ckpt_dir, step), backbone_only_ok=backbone_only_ok, **overrides)
+
+
+def load_located(found: Located, *, backbone_only_ok: bool = False,
+                 **overrides: Any) -> tuple[SegNeXt, dict, dict[str, Any]]:
+  """(model, variables, meta) of a located step: its arrays restored onto this process's devices."""
+  ckpt_dir, step, meta = found.dir, found.step, found.meta
   if meta.get("backbone_only") and not backbone_only_ok:
-    raise ValueError(f"{ckpt_dir} holds only an MSCAN backbone; use it as train.py --pretrained")
+    raise InputError(f"{ckpt_dir} holds only an MSCAN backbone; use it as train.py --pretrained")
   model = build_model(meta, **overrides)
   target = abstract_variables(model)
   if meta.get("backbone_only"):

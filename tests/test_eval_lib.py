@@ -13,7 +13,7 @@ from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bas
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
 from segnext_jax.eval import (CompiledForward, InferenceConfig, Segmenter, View, confusion_matrix,
-                              evaluate, metrics_from_confusion, prepare, to_original)
+                              evaluate, metrics_from_confusion, to_original)
 from segnext_jax.eval.views import ceil_to
 
 
@@ -95,10 +95,11 @@ def test_flipped_view_matches_mmseg_postprocess(torch_ref_t, converted_t):
   model, variables = converted_t
   img = (np.random.default_rng(2).random((45, 70, 3)) * 255).astype(np.uint8)
   view = View((50, 78), flip=True)
-  x, valid = prepare(img, view)
-  logits = Segmenter.for_model(model).run(variables, [x])[0]
+  prepared = InferenceConfig().prepare(img, view)
+  assert prepared.size == (50, 78) and prepared.padded == prepared.canvas == (64, 96)
+  logits = Segmenter.for_model(model).run(variables, [prepared])[0]
   assert logits.shape[:2] == (64 // 8, 96 // 8)  # /32 input 64x96 (also its canvas)
-  ours = to_original(logits, valid, img.shape[:2], flip=True, padded=x.shape[:2])
+  ours = to_original(logits, prepared.size, img.shape[:2], flip=True, padded=prepared.padded)
   seg = segmentor(torch_ref_t)
   use_bases(seg, fixed_bases(variables))
   ref = predict_view(seg, resize_image(img, view.size)[:, ::-1], img.shape[:2], flip=True)
@@ -164,7 +165,7 @@ def test_evaluate_is_deterministic_batched_and_compiles_per_canvas(tiny_variable
   assert len(traced) == n_traced  # the second evaluation reuses every program
   np.testing.assert_array_equal(r1["confusion"], r2["confusion"])
   assert r1["confusion"].sum() == sum(int((ds[i][1] != 255).sum()) for i in range(len(ds)))
-  canvases = {cfg.canvas(prepare(img, *cfg.views(img.shape[:2]))[0].shape[:2])
+  canvases = {cfg.prepare(img, *cfg.views(img.shape[:2])).canvas
               for img, _ in (ds[i] for i in range(len(ds)))}
   # one program per canvas, at the one batch size (leftovers padded with filler images)
   assert sorted(traced) == sorted((2, *c, 3) for c in canvases) and len(canvases) < len(ds)
@@ -174,9 +175,10 @@ def test_evaluate_is_deterministic_batched_and_compiles_per_canvas(tiny_variable
   for i in (0, 7):
     img, _ = ds[i]
     (view,) = cfg.views(img.shape[:2])
-    x, valid = prepare(img, view)
-    logits = seg.run(variables, [x, np.zeros_like(x)])  # with a filler image on one canvas
-    batched = to_original(logits[0], valid, img.shape[:2], padded=x.shape[:2])
+    prepared = cfg.prepare(img, view)
+    filler = dataclasses.replace(prepared, pixels=np.zeros_like(prepared.pixels))
+    logits = seg.run(variables, [prepared, filler])  # with a filler image on one canvas
+    batched = to_original(logits[0], prepared.size, img.shape[:2], padded=prepared.padded)
     np.testing.assert_allclose(batched, single.scores(variables, img), atol=1e-5)
 
 
@@ -236,3 +238,26 @@ def test_programs_do_not_grow_with_new_image_sizes(tiny_variables):
   with xla_programs() as built:
     evaluate(seg, variables, Sized(more), progress=False)
   assert built == []
+
+
+def test_inference_config_from_a_train_config_or_its_saved_dict():
+  from segnext_jax.config import TrainConfig
+  cfg = InferenceConfig.from_train(TrainConfig(resize_scale=(1024, 256), eval_mode="slide"), batch_size=2)
+  assert (cfg.scale, cfg.mode, cfg.crop, cfg.stride, cfg.batch_size) == \
+      ((1024, 256), "slide", TrainConfig.eval_crop, TrainConfig.eval_stride, 2)
+  saved = {"resize_scale": [2048, 1024], "eval_crop": [64, 64], "steps": 5}  # JSON lists; no mode
+  cfg = InferenceConfig.from_train(saved, stride=(48, 48), tta=True)
+  assert (cfg.scale, cfg.mode, cfg.crop, cfg.stride, cfg.tta) == \
+      ((2048, 1024), TrainConfig.eval_mode, (64, 64), (48, 48), True)
+
+
+def test_report_json_keeps_its_fields_in_order():
+  from segnext_jax.eval import report
+  res = {"aAcc": 0.5, "mIoU": 0.25, "mAcc": 1 / 3, "IoU": np.array([0.25, np.nan]),
+         "Acc": np.array([1 / 3, np.nan]), "images": 2, "images_per_s": 1.5, "seconds": 1.3,
+         "confusion": np.eye(2, dtype=np.int64)}
+  doc = report.to_json(res, ["a", "b"], {"data": "x"})
+  assert list(doc) == ["aAcc", "mIoU", "mAcc", "per_class", "images", "images_per_s", "settings"]
+  assert doc["mAcc"] == 33.3333 and doc["per_class"] == {"a": {"IoU": 25.0, "Acc": 33.3333},
+                                                         "b": {"IoU": None, "Acc": None}}
+  assert "| a | 25.00 | 33.33 |" in report.format_table(res, ["a", "b"])

@@ -18,7 +18,7 @@ from segnext_jax.mmseg_reference import stub_mmcv_ops
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import reduce_zero_label
 from segnext_jax.eval import (TTA_RATIOS, InferenceConfig, Segmenter, confusion_matrix,
-                              metrics_from_confusion, prepare, views)
+                              metrics_from_confusion, views)
 
 PROB_ATOL = 1e-4  # mean class probabilities, float32 whole network (logits agree to 1e-4)
 SIZES = [(512, 683), (364, 500), (300, 400), (75, 100), (427, 640), (1, 7), (333, 333), (641, 97)]
@@ -92,9 +92,9 @@ def test_official_views_are_multiscaleflipaug_with_resize_to_multiple(tta):
     ours = views(hw, "official", (2048, 512), tta=tta)
     assert len(ours) == len(ref)
     for view, (pixels, flip) in zip(ours, ref):
-      x, valid = prepare(img, view)
-      assert view.flip == flip and valid == pixels.shape[:2] == x.shape[:2]  # no padding
-      np.testing.assert_allclose(x, (pixels - np.float32([123.675, 116.28, 103.53]))
+      prepared = InferenceConfig().prepare(img, view)
+      assert view.flip == flip and prepared.size == pixels.shape[:2] == prepared.padded  # no padding
+      np.testing.assert_allclose(prepared.pixels, (pixels - np.float32([123.675, 116.28, 103.53]))
                                  / np.float32([58.395, 57.12, 57.375]), atol=1e-6)
 
 

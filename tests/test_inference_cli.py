@@ -51,6 +51,18 @@ def test_predict_maps_do_not_depend_on_image_order(small_checkpoint, tmp_path, c
     np.testing.assert_array_equal(m, second[stem])
 
 
+def test_predict_decodes_each_image_and_reads_the_checkpoint_once(small_checkpoint, tmp_path,
+                                                                   monkeypatch):
+  from segnext_jax import checkpoint
+  from segnext_jax.data import datasets
+  decoded, resolved = [], []
+  read_image, resolve = datasets.read_image, checkpoint.resolve
+  monkeypatch.setattr(datasets, "read_image", lambda p, *a: decoded.append(p) or read_image(p, *a))
+  monkeypatch.setattr(checkpoint, "resolve", lambda *a: resolved.append(a) or resolve(*a))
+  predict_maps(small_checkpoint, IMAGES[:2], tmp_path / "a")
+  assert decoded == IMAGES[:2] and len(resolved) == 1
+
+
 def test_predict_nmf_seed_draws_other_bases(small_checkpoint, tmp_path, capsys):
   stored = predict_maps(small_checkpoint, IMAGES[2:], tmp_path / "a")
   other = predict_maps(small_checkpoint, IMAGES[2:], tmp_path / "b", "--nmf-seed=7")

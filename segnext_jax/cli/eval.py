@@ -10,26 +10,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from segnext_jax import cli
 from segnext_jax.cli import inference_flags
-
-
-def format_table(res: dict, names) -> str:
-  rows = ["| class | IoU | Acc |", "|---|---|---|"]
-  for name, iou, acc in zip(names, res["IoU"], res["Acc"]):
-    rows.append(f"| {name} | {100 * iou:.2f} | {100 * acc:.2f} |")
-  rows.append(f"\naAcc {100 * res['aAcc']:.2f}  mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}"
-              f"  ({res['images']} images, {res['images_per_s']:.2f} img/s)")
-  return "\n".join(rows)
-
-
-def to_json(res: dict, names, settings: dict) -> dict:
-  clean = lambda x: None if not np.isfinite(x) else round(float(x) * 100, 4)
-  return {"aAcc": clean(res["aAcc"]), "mIoU": clean(res["mIoU"]), "mAcc": clean(res["mAcc"]),
-          "per_class": {n: {"IoU": clean(i), "Acc": clean(a)} for n, i, a in zip(names, res["IoU"], res["Acc"])},
-          "images": res["images"], "images_per_s": res["images_per_s"], "settings": settings}
+from segnext_jax.errors import InputError
 
 
 def build_parser():
@@ -54,28 +37,27 @@ def _main(argv=None) -> int:
   cli.quiet_absl()
   from segnext_jax.data.datasets import check, make_dataset
   import tqdm
-  from segnext_jax.eval import Segmenter, evaluate
-  meta = inference_flags.read_meta(args)  # path and step checked before anything heavy
-  data = args.data or (meta.get("config") or {}).get("data")
+  from segnext_jax.eval import Segmenter, evaluate, report
+  found = inference_flags.locate(args)  # path and step checked before anything heavy
+  data = args.data or (found.meta.get("config") or {}).get("data")
   if data is None:
-    raise ValueError("--data is required for a converted checkpoint")
+    raise InputError("--data is required for a converted checkpoint")
   dataset = make_dataset(data, "val")
   check(dataset, decode_images=True)  # every image decodes, labels in range: before the model loads
-  run = inference_flags.load(args, batch_size=args.batch_size)
+  run = inference_flags.load(args, found, batch_size=args.batch_size)
   if dataset.num_classes != run.model.num_classes:
-    raise ValueError(f"the model predicts {run.model.num_classes} classes, {data} has "
+    raise InputError(f"the model predicts {run.model.num_classes} classes, {data} has "
                      f"{dataset.num_classes}")
-  print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
-        f"{inference_flags.describe(run.cfg)}\nNMF bases: {run.bases}")
+  print(inference_flags.header(found, run))
   segmenter = Segmenter.for_model(run.model, run.cfg, notify=tqdm.tqdm.write)
   res = evaluate(segmenter, run.variables, dataset, args.max_images)
   names = run.meta.get("class_names") or list(dataset.class_names)
-  print(format_table(res, names))
+  print(report.format_table(res, names))
   if args.out:
-    settings = {**vars(args), "checkpoint": str(args.checkpoint), "data": data,
+    settings = {**vars(args), "checkpoint": str(found.dir), "step": found.step, "data": data,
                 "test_pipeline": inference_flags.describe(run.cfg), "nmf_bases": run.bases}
     with open(args.out, "w") as f:
-      json.dump(to_json(res, names, settings), f, indent=2)
+      json.dump(report.to_json(res, names, settings), f, indent=2)
     print(f"wrote {args.out}")
   return 0
 

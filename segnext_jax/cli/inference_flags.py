@@ -1,14 +1,19 @@
 """Flags and checkpoint loading shared by eval.py and predict.py (the test pipeline, the NMF
-bases, the compile cache): one `load` per run gives the model, variables, metadata and config."""
+bases, the compile cache): `locate` checks the checkpoint and reads its metadata before anything
+heavy, then one `load` of that step gives the model, variables and inference config."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
 from segnext_jax import cli
 from segnext_jax.eval.config import InferenceConfig
 from segnext_jax.eval.views import PIPELINES
 from segnext_jax.recipes import eval_settings
+
+if TYPE_CHECKING:
+  from segnext_jax.checkpoint import Located
 
 PIPELINE_HELP = (
     "mmseg1 (default): mmseg 1.x; single scale = keep-ratio resize into --scale, zero-pad to /32; "
@@ -55,32 +60,36 @@ class Loaded:
   bases: str  # which NMF bases inference uses, in words
 
 
-def read_meta(args: argparse.Namespace) -> dict:
-  """The checkpoint's metadata (cheap: no arrays), checking the path and step first; pins
-  args.checkpoint/args.step to the directory and step found, which `load` then reads."""
+def locate(args: argparse.Namespace) -> Located:
+  """The checkpoint the flags name, its path and step checked and its metadata read (cheap: no
+  arrays); `load` restores that same step."""
   from segnext_jax import checkpoint
-  args.checkpoint, args.step = checkpoint.resolve(args.checkpoint, args.step)
-  return checkpoint.read_meta(args.checkpoint, args.step)
+  return checkpoint.locate(args.checkpoint, args.step)
 
 
-def load(args: argparse.Namespace, batch_size: int = 1) -> Loaded:
-  """Read the checkpoint once and build the inference config from the flags and its run config."""
+def load(args: argparse.Namespace, found: Located, batch_size: int = 1) -> Loaded:
+  """Restore the located step and build the inference config from the flags and its run config."""
   from segnext_jax import checkpoint
   from segnext_jax.model import fixed_bases
   cli.enable_compile_cache(args.compile_cache)
-  model, variables, meta = checkpoint.load(args.checkpoint, args.step)
+  model, variables, meta = checkpoint.load_located(found)
   bases = meta.get("nmf_bases") or "fixed (stored with the checkpoint)"
   if args.nmf_seed is not None:
     variables = {**variables, **fixed_bases(model, args.nmf_seed)}
     bases = f"fixed, drawn from seed {args.nmf_seed} (--nmf-seed; the stored ones unused)"
-  run = {**eval_settings("ade20k"),
-         **(meta.get("config") or eval_settings(getattr(args, "data", None)))}
-  cfg = InferenceConfig(
-      pipeline=args.pipeline, tta=args.tta, scale=tuple(args.scale or run["resize_scale"]),
-      mode=args.mode or run["eval_mode"], crop=tuple(args.crop or run["eval_crop"]),
-      stride=tuple(args.stride or run["eval_stride"]), batch_size=batch_size,
-      buckets_per_octave=args.buckets_per_octave)
+  train = meta.get("config") or eval_settings(getattr(args, "data", None))
+  given = dict(scale=args.scale, mode=args.mode, crop=args.crop, stride=args.stride)
+  cfg = InferenceConfig.from_train(
+      train, pipeline=args.pipeline, tta=args.tta, batch_size=batch_size,
+      buckets_per_octave=args.buckets_per_octave,
+      **{k: v if isinstance(v, str) else tuple(v) for k, v in given.items() if v is not None})
   return Loaded(model, variables, meta, cfg, bases)
+
+
+def header(found: Located, run: Loaded) -> str:
+  """The lines eval.py and predict.py start with: the checkpoint, test pipeline and NMF bases."""
+  return (f"checkpoint: {found.dir} step {found.step}\ntest pipeline: {describe(run.cfg)}\n"
+          f"NMF bases: {run.bases}")
 
 
 def describe(cfg: InferenceConfig) -> str:

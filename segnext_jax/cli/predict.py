@@ -13,72 +13,34 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segnext_jax import cli
+from segnext_jax import cli, viz
 from segnext_jax.cli import inference_flags
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def palette(meta: dict, num_classes: int) -> np.ndarray:
-  """The checkpoint's palette, ADE20K's for 150 classes, else a fixed pseudo-random one (RGB)."""
-  from segnext_jax.data.ade20k_classes import ADE20K_PALETTE
-  if meta.get("palette") and len(meta["palette"]) == num_classes:
-    return np.array(meta["palette"], np.uint8)
-  if num_classes == len(ADE20K_PALETTE):
-    return np.array(ADE20K_PALETTE, np.uint8)
-  rng = np.random.default_rng(12345)
-  return rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
-
-
-def class_names(meta: dict, num_classes: int) -> list[str]:
-  from segnext_jax.data.ade20k_classes import ADE20K_CLASSES
-  if meta.get("class_names") and len(meta["class_names"]) == num_classes:
-    return list(meta["class_names"])
-  return list(ADE20K_CLASSES) if num_classes == 150 else [str(i) for i in range(num_classes)]
-
-
-def overlay_with_legend(img: np.ndarray, pred: np.ndarray, colors: np.ndarray, names,
-                        alpha: float = 0.5) -> np.ndarray:
-  """RGB image blended with the colour mask, plus a legend panel of the classes present."""
-  blend = (img.astype(np.float32) * (1 - alpha) + colors[pred].astype(np.float32) * alpha).astype(np.uint8)
-  present, counts = np.unique(pred, return_counts=True)
-  order = present[np.argsort(-counts)]
-  row = max(18, img.shape[0] // 30)
-  panel = np.full((max(img.shape[0], row * (len(order) + 1)), 220, 3), 255, np.uint8)
-  for i, c in enumerate(order):
-    y = row // 2 + i * row
-    cv2.rectangle(panel, (8, y), (8 + row - 4, y + row - 4), tuple(int(v) for v in colors[c]), -1)
-    cv2.putText(panel, str(names[c])[:24], (row + 10, y + row - 7), cv2.FONT_HERSHEY_SIMPLEX,
-                0.45, (0, 0, 0), 1, cv2.LINE_AA)
-  canvas = np.full((panel.shape[0], img.shape[1] + panel.shape[1], 3), 255, np.uint8)
-  canvas[:img.shape[0], :img.shape[1]] = blend
-  canvas[:, img.shape[1]:] = panel
-  return canvas
+from segnext_jax.errors import InputError
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-  """The image files given and those in the folders given; ValueError for a path that does not
-  exist, a folder without images, or nothing found at all."""
+  """The image files given and those in the folders given; InputError for a path that does not
+  exist or a folder without images."""
+  from segnext_jax.checkpoint import IMAGE_SUFFIXES
   files = []
   for item in map(Path, inputs):
     if item.is_dir():
       found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
       if not found:
-        raise ValueError(f"{item}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputError(f"{item}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
       files += found
     elif item.exists():
       files.append(item)
     else:
-      raise FileNotFoundError(f"{item}: no such file or directory")
+      raise InputError(f"{item}: no such file or directory")
   return files
 
 
-def check_images(files: list[Path]) -> None:
-  """Every image decodes (DataError naming the first that does not), before the model loads and
-  before anything is written."""
+def read_images(files: list[Path]) -> list[np.ndarray]:
+  """Every image decoded, once (DataError naming the first that does not decode): before the
+  model loads and before anything is written."""
   from segnext_jax.data.datasets import read_image
-  for path in files:
-    read_image(path)
+  return [read_image(path) for path in files]
 
 
 def build_parser():
@@ -92,8 +54,8 @@ def build_parser():
 
 def write_outputs(out: Path, stem: str, img: np.ndarray, pred: np.ndarray, colors, names) -> None:
   cv2.imwrite(str(out / f"{stem}_classes.png"), pred.astype(np.uint8))
-  cv2.imwrite(str(out / f"{stem}_mask.png"), colors[pred][..., ::-1])
-  cv2.imwrite(str(out / f"{stem}_overlay.png"), overlay_with_legend(img, pred, colors, names)[..., ::-1])
+  cv2.imwrite(str(out / f"{stem}_mask.png"), viz.colorize(pred, colors)[..., ::-1])
+  cv2.imwrite(str(out / f"{stem}_overlay.png"), viz.overlay_with_legend(img, pred, colors, names)[..., ::-1])
 
 
 def main(argv=None) -> int:
@@ -105,24 +67,22 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
-  from segnext_jax.data.datasets import read_image
   from segnext_jax.eval import Segmenter
   files = collect_images(args.images)
-  meta = inference_flags.read_meta(args)
-  k = (meta.get("model") or {}).get("num_classes", 150)
+  found = inference_flags.locate(args)
+  k = (found.meta.get("model") or {}).get("num_classes", 150)
   if k > 256:
-    raise ValueError(f"{k} classes do not fit the uint8 class map")
-  check_images(files)
-  run = inference_flags.load(args)
+    raise InputError(f"{k} classes do not fit the uint8 class map")
+  images = read_images(files)
+  run = inference_flags.load(args, found)
   k = run.model.num_classes
-  names, colors = class_names(run.meta, k), palette(run.meta, k)
+  names, colors = viz.class_names(run.meta, k), viz.palette(run.meta, k)
   segmenter = Segmenter.for_model(run.model, run.cfg, notify=print)
-  print(f"checkpoint: {args.checkpoint} step {args.step}\ntest pipeline: "
-        f"{inference_flags.describe(run.cfg)}\nNMF bases: {run.bases}")
+  print(inference_flags.header(found, run))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for path in files:
-    img = read_image(path)
+    img = images.pop(0)  # held from the check until its pictures are written
     pred = segmenter.classes(run.variables, img)
     write_outputs(out, path.stem, img, pred, colors, names)
     present = ", ".join(str(names[c]) for c in np.unique(pred))

@@ -1,5 +1,5 @@
-"""The whole-mode forward on a fixed set of shapes, compiled ahead: an optional wrapper over the
-pure layer's `Forward` (eval/scores.py).
+"""The whole-mode forward that a Segmenter (eval/scores.py) runs views with: a fixed set of
+shapes, compiled ahead.
 
 Each call's views are zero-padded to their canvas (`InferenceConfig.canvas`: a few sizes per
 octave per axis; padding.py keeps the logits inside each view exact) and its batch to a fixed
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from segnext_jax.eval.config import InferenceConfig
+from segnext_jax.eval.views import Size
 from segnext_jax.model import TOTAL_STRIDE
 
 Key = tuple[int, int, int]  # (batch, canvas height, canvas width)
@@ -38,9 +39,9 @@ class CompiledForward:
     self._lock = threading.Lock()
     self._pool: cf.ThreadPoolExecutor | None = None
 
-  def key(self, hw: tuple[int, int], n: int = 1, batch: int | None = None) -> Key:
-    """The program that n views of shape hw run in."""
-    return (max(n, batch or n), *self.cfg.canvas(hw))
+  def key(self, canvas: Size, n: int = 1, batch: int | None = None) -> Key:
+    """The program that n views of one canvas run in (batch: at least that many)."""
+    return (max(n, batch or n), *canvas)
 
   @property
   def programs(self) -> list[Key]:
@@ -53,16 +54,18 @@ class CompiledForward:
     with self._lock:
       return sum(not f.done() for f in self._pending.values())
 
-  def __call__(self, variables: dict, views, valid: np.ndarray, batch: int | None = None) -> jax.Array:
-    b, hc, wc = self.key(views[0].shape[:2], len(views), batch)
+  def __call__(self, variables: dict, views, valid: np.ndarray, batch: int | None = None,
+               canvas: Size | None = None) -> jax.Array:
+    """`canvas`: the views' (Prepared.canvas); None: the config's canvas of the first view."""
+    b, hc, wc = self.key(canvas or self.cfg.canvas(views[0].shape[:2]), len(views), batch)
     images = np.zeros((b, hc, wc, 3), np.float32)
     full = np.full((b, 2), TOTAL_STRIDE, np.int32)  # filler images: any valid size
     for i, x in enumerate(views):
       if x.shape[0] % TOTAL_STRIDE or x.shape[1] % TOTAL_STRIDE:
         raise ValueError(f"view {i} has shape {x.shape[:2]}: padded inference needs multiples of "
                          f"{TOTAL_STRIDE} (size_divisor {self.cfg.size_divisor})")
-      if self.cfg.canvas(x.shape[:2]) != (hc, wc):
-        raise ValueError(f"view {i} of shape {x.shape[:2]} is not in canvas {(hc, wc)}")
+      if x.shape[0] > hc or x.shape[1] > wc:
+        raise ValueError(f"view {i} of shape {x.shape[:2]} does not fit canvas {(hc, wc)}")
       images[i, :x.shape[0], :x.shape[1]] = x
       full[i] = valid[i]
     self.warm(variables, (b, hc, wc)).result()  # compiled (or compiling) ahead: wait, never twice

@@ -3,11 +3,19 @@ the padded shapes ("canvases") that whole-mode views run at."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal, Mapping
+
+import numpy as np
 
 from segnext_jax import padding
+from segnext_jax.config import TrainConfig
+from segnext_jax.errors import InputError
 from segnext_jax.eval import views as views_lib
-from segnext_jax.eval.views import Pipeline, Size, View
+from segnext_jax.eval.views import Pipeline, Prepared, Size, View
+
+# TrainConfig field -> InferenceConfig field: the validation inference a training run describes.
+TRAIN_FIELDS = {"resize_scale": "scale", "eval_mode": "mode", "eval_crop": "crop",
+                "eval_stride": "stride"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +33,21 @@ class InferenceConfig:
 
   def __post_init__(self):
     if self.buckets_per_octave < 0:
-      raise ValueError(f"buckets_per_octave must be >= 0 (0: no buckets), got {self.buckets_per_octave}")
+      raise InputError(f"buckets_per_octave must be >= 0 (0: no buckets), got {self.buckets_per_octave}")
     if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+      raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
     if self.mode not in ("whole", "slide"):
-      raise ValueError(f"unknown inference mode {self.mode!r}; expected 'whole' or 'slide'")
+      raise InputError(f"unknown inference mode {self.mode!r}; expected 'whole' or 'slide'")
+
+  @classmethod
+  def from_train(cls, train: TrainConfig | Mapping[str, Any], **fields: Any) -> InferenceConfig:
+    """The validation inference of a training config: a TrainConfig, or its saved JSON dict
+    (a field it lacks takes TrainConfig's default); `fields` set the others or override."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = train if isinstance(train, Mapping) else vars(train)
+    mapped = {ours: given.get(theirs, defaults[theirs]) for theirs, ours in TRAIN_FIELDS.items()}
+    mapped = {k: v if isinstance(v, str) else tuple(v) for k, v in mapped.items()}
+    return cls(**{**mapped, **fields})
 
   def views(self, hw: Size) -> list[View]:
     return views_lib.views(hw, self.pipeline, self.scale, self.tta, self.size_divisor)
@@ -41,6 +59,14 @@ class InferenceConfig:
     set fixed by the sizes' range, not by how many images come or of which sizes."""
     h, w = views_lib.ceil_to(hw, self.size_divisor)
     return padding.bucket(h, self.buckets_per_octave), padding.bucket(w, self.buckets_per_octave)
+
+  def prepare(self, img: np.ndarray, view: View) -> Prepared:
+    """uint8 RGB image -> one view as the model takes it, zero-padded to /size_divisor, with
+    its sizes and canvas (computed here, once, and carried from then on)."""
+    x = views_lib.view_pixels(img, view)
+    padded = views_lib.ceil_to(x.shape[:2], self.size_divisor)
+    return Prepared(views_lib.pad_to(x, padded), x.shape[:2], img.shape[:2], self.canvas(padded),
+                    view.flip)
 
   @property
   def batches_images(self) -> bool:

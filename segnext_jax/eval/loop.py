@@ -17,7 +17,6 @@ import tqdm
 from segnext_jax.eval.metrics import confusion_matrix, metrics_from_confusion
 from segnext_jax.eval.original import Merged, ViewMap
 from segnext_jax.eval.scores import Segmenter
-from segnext_jax.eval.views import prepare
 
 
 def evaluate(segmenter: Segmenter, variables: dict, dataset, max_images: int = 0,
@@ -62,27 +61,25 @@ def _batched(seg: Segmenter, variables: dict, dataset, indices, pool, ahead: int
   def load(i):
     img, label = dataset[i]
     (view,) = cfg.views(img.shape[:2])
-    x, valid = prepare(img, view, cfg.size_divisor)
     seg.warm(variables, img.shape[:2], batch=cfg.batch_size)
-    return x, valid, img.shape[:2], label
+    return cfg.prepare(img, view), label
 
   groups: dict = {}
-  for item in _prefetch(pool, load, indices, ahead + cfg.batch_size):
-    key = seg.key(item[0].shape[:2], 1, cfg.batch_size)
-    group = groups.setdefault(key, [])
-    group.append(item)
+  for prepared, label in _prefetch(pool, load, indices, ahead + cfg.batch_size):
+    group = groups.setdefault(prepared.canvas, [])
+    group.append((prepared, label))
     if len(group) == cfg.batch_size:
-      yield from _run_batch(seg, variables, groups.pop(key))
-  for key in list(groups):
-    yield from _run_batch(seg, variables, groups.pop(key))
+      yield from _run_batch(seg, variables, groups.pop(prepared.canvas))
+  for canvas in list(groups):
+    yield from _run_batch(seg, variables, groups.pop(canvas))
 
 
 def _run_batch(seg: Segmenter, variables: dict, items: list) -> Iterator:
   # A fixed batch (the leftover images of a canvas padded with fillers): one program per canvas.
-  logits = seg.run(variables, [it[0] for it in items], batch=seg.cfg.batch_size)
-  for i, (x, valid, ori, label) in enumerate(items):
-    merged = Merged(ori)
-    merged.add(logits, ViewMap(logits.shape[1:3], valid, ori, padded=x.shape[:2], index=i), "argmax")
+  logits = seg.run(variables, [prepared for prepared, _ in items], batch=seg.cfg.batch_size)
+  for i, (prepared, label) in enumerate(items):
+    merged = Merged(prepared.ori)
+    merged.add(logits, ViewMap.of(prepared, logits.shape[1:3], i), "argmax")
     yield merged.result(classes=True), label
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from segnext_jax.resize import IGNORE_INDEX
+from segnext_jax.data import IGNORE_INDEX
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segnext_jax.eval.views import Size
+from segnext_jax.eval.views import Prepared, Size
 from segnext_jax.model import LOGIT_STRIDE
 from segnext_jax.resize import Band, bilinear_matrix
 
@@ -50,14 +50,20 @@ def tile_starts(n: int) -> list[int]:
 
 
 class ViewMap:
-  """One view's logits (item `index` of a (B, h, w, K) batch, valid region (hv, wv)) -> the
-  original (H, W), tile by tile."""
+  """One view's logits (item `index` of a (B, h, w, K) batch; the view's size before padding
+  `size`) -> the original (H, W), tile by tile."""
 
-  def __init__(self, src: Size, valid: Size, ori: Size, flip: bool = False,
+  def __init__(self, src: Size, size: Size, ori: Size, flip: bool = False,
                padded: Size | None = None, index: int = 0):
-    self.rows = axis_band(ori[0], valid[0], padded and padded[0], src[0], False)
-    self.cols = axis_band(ori[1], valid[1], padded and padded[1], src[1], flip)
+    self.rows = axis_band(ori[0], size[0], padded and padded[0], src[0], False)
+    self.cols = axis_band(ori[1], size[1], padded and padded[1], src[1], flip)
     self.ori, self.index = ori, np.int32(index)
+
+  @classmethod
+  def of(cls, view: Prepared, src: Size, index: int = 0, stride8: bool = True) -> ViewMap:
+    """A prepared view's map from logits of shape `src`: the model's stride-8 logits of its
+    padded input, or (stride8=False) logits at that input's size."""
+    return cls(src, view.size, view.ori, view.flip, view.padded if stride8 else None, index)
 
   def tile_args(self, y: int, x: int) -> tuple:
     r, c = slice(y, y + TILE), slice(x, x + TILE)
@@ -68,8 +74,9 @@ class ViewMap:
 Kind = Literal["logits", "softmax", "argmax"]
 
 
-# Separate programs for the resize and what follows: XLA:CPU fused with the gathers recomputes
-# them per reduction (softmax 1.2 s a 512x683 view, against 0.13 s in two programs).
+# Separate programs for the resize and what follows: fused with the band gathers, XLA:CPU
+# recomputes the gathers for every reduction over the classes (docs/evaluation.md; the TTA runs
+# of benchmarks/eval_throughput.py time the evaluation these run in).
 @jax.jit
 def _resize_tile(logits, index, rows_start, rows_w, cols_start, cols_w):
   """The (TILE, TILE, K) output tile of item `index`'s logits."""
@@ -84,8 +91,8 @@ def _softmax_add(acc, x):
 
 @jax.jit
 def _argmax(x):
-  """jnp.argmax over the last axis (the first maximum), as a max and a min: XLA:CPU's variadic
-  argmax reduce takes 2.6x as long."""
+  """jnp.argmax over the last axis (the first maximum), as a max and a min: two plain
+  reductions, where XLA:CPU runs jnp.argmax as a slower variadic (value, index) reduce."""
   top = x.max(axis=-1, keepdims=True)
   idx = jnp.arange(x.shape[-1], dtype=jnp.int32)
   return jnp.min(jnp.where(x == top, idx, x.shape[-1]), axis=-1)
@@ -142,12 +149,12 @@ class Merged:
     return out
 
 
-def to_original(logits, valid: Size, ori: Size, flip: bool = False,
+def to_original(logits, size: Size, ori: Size, flip: bool = False,
                 padded: Size | None = None) -> np.ndarray:
   """One view's (h, w, K) logits -> (H, W, K) at the original size, as mmseg's postprocess:
   logits at the input size by default; with `padded` (the /32 input size), the model's
   stride-8 logits of that input, resized to it first (as mmseg's head does), in one step."""
   logits = jnp.asarray(logits)[None]
   merged = Merged(ori)
-  merged.add(logits, ViewMap(logits.shape[1:3], valid, ori, flip, padded), "logits")
+  merged.add(logits, ViewMap(logits.shape[1:3], size, ori, flip, padded), "logits")
   return merged.result(classes=False)

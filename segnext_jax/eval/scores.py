@@ -1,43 +1,29 @@
-"""Segmentation scores of one image under a test pipeline, as a pure layer over a forward:
-whole or slide logits of each view, taken back to the original size as mmseg's
-EncoderDecoder.postprocess_result does, merged as SegTTAModel does (mean of softmax).
+"""Segmentation scores of one image under a test pipeline: whole or slide logits of each view,
+taken back to the original size as mmseg's EncoderDecoder.postprocess_result does, merged as
+SegTTAModel does (mean of softmax).
 
-A `Forward` runs views of one program (`key`) together: stride-8 logits, exact inside each
-view's valid region, of the views padded as the forward chooses.
-`ExactForward(apply_fn)` is the plain one, jitted per input shape; eval/compiled.py's
-`CompiledForward` pads to a fixed set of shapes and compiles them ahead. Nothing here holds
+Each view is prepared once (InferenceConfig.prepare: a `Prepared` record of its pixels, sizes
+and canvas) and that record is what runs and what maps the logits back. Whole-mode views run
+in a CompiledForward (eval/compiled.py: fixed canvases, compiled ahead). Nothing here holds
 variables: every call takes them, so one Segmenter serves every evaluation of a training run.
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable, Protocol
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segnext_jax import backend
+from segnext_jax.eval.compiled import CompiledForward
 from segnext_jax.eval.config import InferenceConfig
 from segnext_jax.eval.original import Merged, ViewMap
-from segnext_jax.eval.views import Size, View, ceil_to, pad_to, prepare
+from segnext_jax.eval.views import Prepared, Size, View, pad_to
 from segnext_jax.resize import resize_bilinear
 
 # (variables, NHWC images, valid (B, 2) int32 or None) -> stride-8 logits; see SegNeXt.__call__.
 ApplyFn = Callable[[dict, jax.Array, jax.Array | None], jax.Array]
-
-
-class Forward(Protocol):
-  """(variables, views (each (h, w, 3), multiples of 32), valid (n, 2) int32, batch) -> stride-8
-  logits (B, H/8, W/8, K) with B >= n and H, W >= every view's: item i exact inside valid[i]."""
-
-  def __call__(self, variables: dict, views: list[np.ndarray], valid: np.ndarray,
-               batch: int | None = None) -> jax.Array: ...
-
-  def key(self, hw: Size, n: int = 1, batch: int | None = None) -> Hashable:
-    """The program n views of shape hw run in: views of equal keys can share a call."""
-
-  def warm(self, variables: dict, key: Hashable) -> None:
-    """Prepare the program of `key` ahead (e.g. compile it in the background), or nothing."""
 
 
 def model_apply(model) -> ApplyFn:
@@ -45,23 +31,6 @@ def model_apply(model) -> ApplyFn:
   def apply(variables: dict, images: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     return model.apply(variables, images, train=False, valid=valid)
   return apply
-
-
-class ExactForward:
-  """The apply function jitted as it is: views of one shape per call, one program per shape."""
-
-  def __init__(self, apply_fn: ApplyFn):
-    self.fn = jax.jit(apply_fn)
-
-  def key(self, hw: Size, n: int = 1, batch: int | None = None) -> Hashable:
-    return (n, *hw)
-
-  def warm(self, variables: dict, key: Hashable) -> None:
-    pass  # compiled on first use
-
-  def __call__(self, variables: dict, views: list[np.ndarray], valid: np.ndarray,
-               batch: int | None = None) -> jax.Array:
-    return self.fn(variables, np.stack(views), valid)
 
 
 def logits_at_input(apply_fn: ApplyFn) -> Callable[[dict, jax.Array], jax.Array]:
@@ -105,26 +74,20 @@ def same_shape(views: list[View]) -> list[list[View]]:
 class Segmenter:
   """An InferenceConfig over a forward: `scores` and `classes` of one image, at its original size."""
 
-  def __init__(self, forward: Forward, cfg: InferenceConfig = InferenceConfig(),
+  def __init__(self, forward: CompiledForward, cfg: InferenceConfig = InferenceConfig(),
                window_fn: Callable | None = None):
-    """`window_fn`: slide mode's (variables, window) -> logits at the window size (default: the
-    forward's apply, if it has one, resized as mmseg's head does)."""
+    """`window_fn`: slide mode's (variables, window) -> logits at the window size."""
     self.forward, self.cfg = forward, cfg
     self.window_fn = window_fn
 
   @classmethod
-  def for_model(cls, model, cfg: InferenceConfig = InferenceConfig(), compiled: bool = True,
-                **kwargs) -> "Segmenter":
-    """The model's inference forward: with `compiled`, on the config's canvases, compiled ahead
-    (eval/compiled.py; staged where the backend's policy says), else exact shapes."""
-    apply = model_apply(model)
-    window = jax.jit(logits_at_input(apply))
-    if not compiled:
-      return cls(ExactForward(apply), cfg, window)
-    from segnext_jax.eval.compiled import CompiledForward
+  def for_model(cls, model, cfg: InferenceConfig = InferenceConfig(), **kwargs) -> Segmenter:
+    """The model's inference: whole-mode views on the config's canvases, compiled ahead (staged
+    where the backend's policy says; kwargs go to CompiledForward), slide windows jitted."""
     from segnext_jax.staged import StagedForward
+    apply = model_apply(model)
     fn = StagedForward(model) if backend.policy().staged_inference else jax.jit(apply)
-    return cls(CompiledForward(fn, cfg, **kwargs), cfg, window)
+    return cls(CompiledForward(fn, cfg, **kwargs), cfg, jax.jit(logits_at_input(apply)))
 
   def scores(self, variables: dict, img: np.ndarray) -> np.ndarray:
     """(H, W, K) float32: logits (single view) or mean class probabilities (TTA)."""
@@ -136,43 +99,38 @@ class Segmenter:
 
   def merged(self, variables: dict, img: np.ndarray, classes: bool) -> Merged:
     """Every view of img run and merged at img's size (on the device, not yet fetched)."""
-    ori = img.shape[:2]
     kind = "softmax" if self.cfg.tta else ("argmax" if classes else "logits")
-    merged = Merged(ori)
-    for group in same_shape(self.cfg.views(ori)):  # a scale's flips run as one batch
-      prepared = [prepare(img, v, self.cfg.size_divisor) for v in group]
-      if self.cfg.mode == "slide":
-        logits, padded = self._slide(variables, [x for x, _ in prepared]), None
-      else:
-        logits, padded = self.run(variables, [x for x, _ in prepared]), True
-      for i, ((x, valid), view) in enumerate(zip(prepared, group)):
-        vmap = ViewMap(logits.shape[1:3], valid, ori, view.flip, padded and x.shape[:2], index=i)
-        merged.add(logits, vmap, kind)
+    merged = Merged(img.shape[:2])
+    slide = self.cfg.mode == "slide"
+    for group in same_shape(self.cfg.views(img.shape[:2])):  # a scale's flips run as one batch
+      prepared = [self.cfg.prepare(img, v) for v in group]
+      logits = self._slide(variables, prepared) if slide else self.run(variables, prepared)
+      for i, view in enumerate(prepared):
+        merged.add(logits, ViewMap.of(view, logits.shape[1:3], i, stride8=not slide), kind)
     return merged
 
-  def run(self, variables: dict, views: list[np.ndarray], batch: int | None = None) -> jax.Array:
-    """Prepared (/32) views of one program -> their stride-8 logits (see Forward)."""
-    return self.forward(variables, views, np.array([x.shape[:2] for x in views], np.int32), batch)
-
-  def key(self, hw: Size, n: int = 1, batch: int | None = None) -> Hashable:
-    """The program n prepared views of shape hw run in."""
-    return self.forward.key(hw, n, batch)
+  def run(self, variables: dict, prepared: list[Prepared], batch: int | None = None) -> jax.Array:
+    """Prepared views of one canvas -> their stride-8 logits (item i exact inside its padded
+    input), in a batch of at least `batch`."""
+    padded = np.array([p.padded for p in prepared], np.int32)
+    return self.forward(variables, [p.pixels for p in prepared], padded, batch,
+                        canvas=prepared[0].canvas)
 
   def warm(self, variables: dict, hw: Size, batch: int | None = None) -> None:
-    """Start preparing (compiling, for a CompiledForward) the programs an (h, w) image needs;
-    `batch`: its single view runs with others, in batches of that size."""
+    """Start compiling the programs an (h, w) image needs, in the background; `batch`: its
+    single view runs with others, in batches of that size."""
     if self.cfg.mode != "whole":
       return
     for group in same_shape(self.cfg.views(hw)):
-      shape = ceil_to(group[0].shape, self.cfg.size_divisor)
-      self.forward.warm(variables, self.key(shape, len(group), batch))
+      key = self.forward.key(self.cfg.canvas(group[0].shape), len(group), batch)
+      self.forward.warm(variables, key)
 
-  def _slide(self, variables: dict, views: list[np.ndarray]) -> jax.Array:
+  def _slide(self, variables: dict, prepared: list[Prepared]) -> jax.Array:
     """Input-size slide logits of each view, zero-padded to the view's canvas (a fixed set of
     shapes for the resize programs)."""
     if self.window_fn is None:
       raise ValueError("slide mode needs a window_fn (Segmenter.for_model makes one)")
     cfg = self.cfg
-    out = [slide_logits(self.window_fn, variables, x, cfg.crop, cfg.stride) for x in views]
-    canvas = cfg.canvas(views[0].shape[:2])
-    return jnp.asarray(np.stack([pad_to(o, canvas) for o in out]))
+    out = [pad_to(slide_logits(self.window_fn, variables, p.pixels, cfg.crop, cfg.stride), p.canvas)
+           for p in prepared]
+    return jnp.asarray(np.stack(out))

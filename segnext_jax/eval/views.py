@@ -1,5 +1,6 @@
 """The views of an image that a test pipeline feeds the model: sizes, flips, and their host-side
-preparation (cv2 bilinear resize, normalize, zero-pad to /32), for the two pipelines we reproduce.
+preparation (cv2 bilinear resize, normalize, zero-pad to /32) into a `Prepared` record, for the
+two pipelines we reproduce.
 
 'mmseg1' (mmsegmentation 1.x, `configs/_base_/datasets/ade20k.py`):
   single scale  Resize(scale=(2048, 512), keep_ratio=True); SegDataPreProcessor pads to /32.
@@ -18,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from segnext_jax.data.transforms import normalize, rescale_size, resize_image
+from segnext_jax.errors import InputError
 
 Size = tuple[int, int]  # (height, width)
 Pipeline = Literal["mmseg1", "official"]
@@ -53,7 +55,7 @@ def views(hw: Size, pipeline: Pipeline, scale: Size, tta: bool, divisor: int = 3
           ratios: tuple[float, ...] = TTA_RATIOS) -> list[View]:
   """The views of an (h, w) image, in mmseg's order (each scale unflipped, then flipped)."""
   if pipeline not in PIPELINES:
-    raise ValueError(f"unknown test pipeline {pipeline!r}; expected one of {PIPELINES}")
+    raise InputError(f"unknown test pipeline {pipeline!r}; expected one of {PIPELINES}")
   if not tta:
     sizes = [rescale_size(hw, scale)]
   elif pipeline == "mmseg1":
@@ -65,16 +67,31 @@ def views(hw: Size, pipeline: Pipeline, scale: Size, tta: bool, divisor: int = 3
   return [View(s, f, a) for s, a in zip(sizes, aligned) for f in flips]
 
 
-def prepare(img: np.ndarray, view: View, divisor: int = 32) -> tuple[np.ndarray, Size]:
-  """uint8 RGB -> (normalized float32 view zero-padded at the bottom/right to /divisor, its size
-  before padding)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+  """One view of an image as the model takes it, made once (InferenceConfig.prepare) and carried
+  through inference: its pixels, and the sizes that take its logits back to the image."""
+  pixels: np.ndarray  # (Hp, Wp, 3) float32 normalized, zero-padded bottom/right to /size_divisor
+  size: Size          # the view before that padding: the region postprocessing keeps (img_shape)
+  ori: Size           # the original image's size, where the scores go back to
+  canvas: Size        # the shape whole-mode forwards run it at, zero-padded past `padded`
+  flip: bool = False
+
+  @property
+  def padded(self) -> Size:
+    """The /size_divisor input the model sees as image (mmseg's batch input); the canvas past it
+    is masked."""
+    return self.pixels.shape[:2]
+
+
+def view_pixels(img: np.ndarray, view: View) -> np.ndarray:
+  """uint8 RGB -> the view's normalized float32 pixels (resized, flipped), not yet padded."""
   x = resize_image(img, view.size)
   if view.resize_to is not None:
     x = resize_image(x, view.resize_to)
   if view.flip:
     x = x[:, ::-1]
-  x = normalize(x)
-  return pad_to(x, ceil_to(x.shape[:2], divisor)), x.shape[:2]
+  return normalize(x)
 
 
 def pad_to(x: np.ndarray, hw: Size) -> np.ndarray:
