@@ -37,7 +37,6 @@ TMP_MARK = ".orbax-checkpoint-tmp"
 UNREADABLE = ".unreadable"
 # The image files predict.py reads and describe_path names: what data/files.read_image (OpenCV)
 # decodes; GIF needs OpenCV >= 4.12 (older builds: "not a readable image").
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 log = logging.getLogger("segnext_jax.checkpoint")
 
@@ -139,6 +138,7 @@ def describe_path(path: Path) -> str:
     if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
       return (f"{path}: a torch checkpoint file, not a segnext-jax checkpoint directory; convert "
               "it first: python convert/from_torch.py " + str(path))
+    from segnext_jax.data.files import IMAGE_SUFFIXES
     kind = "an image" if path.suffix.lower() in IMAGE_SUFFIXES else "a file"
     return f"{path}: {kind}, not a segnext-jax checkpoint directory"
   return (f"{path}: not a segnext-jax checkpoint (no {SUBDIR}/<step> inside; convert a .pth with "

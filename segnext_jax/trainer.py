@@ -189,9 +189,8 @@ class _Run:
     self.writer = MetricWriter(Path(cfg.workdir), self.start, enabled=lead)
     self.step_fn = jit_train_step(cfg, mesh)
     self.base_key = jax.random.key(cfg.seed + 1)
-    self.segmenter = Segmenter.for_model(model.clone(remat=False), InferenceConfig(  # compiled once
-        scale=tuple(cfg.resize_scale), mode=cfg.eval_mode, crop=tuple(cfg.eval_crop),
-        stride=tuple(cfg.eval_stride), batch_size=max(1, min(8, cfg.batch_size))))
+    self.segmenter = Segmenter.for_model(model.clone(remat=False), InferenceConfig.from_train(
+        cfg, batch_size=max(1, min(8, cfg.batch_size))))  # compiled once, for every validation
     # smoothing: the rate of the last ~20 updates, not of the last one (steps vary around logging)
     self.bar = tqdm.tqdm(total=cfg.steps, initial=self.start, disable=not progress or not lead,
                          unit="step", dynamic_ncols=True, smoothing=0.05)

@@ -21,7 +21,7 @@ from segnext_jax.errors import InputError
 def collect_images(inputs: list[str]) -> list[Path]:
   """The image files given and those in the folders given; InputError for a path that does not
   exist or a folder without images."""
-  from segnext_jax.checkpoint import IMAGE_SUFFIXES
+  from segnext_jax.data.files import IMAGE_SUFFIXES
   files = []
   for item in map(Path, inputs):
     if item.is_dir():

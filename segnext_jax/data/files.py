@@ -22,6 +22,8 @@ from segnext_jax.errors import InputError
 Source = str | Path | bytes
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+# What read_image decodes (OpenCV; .gif needs OpenCV 4.12 or later): what predict looks for.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DataError(InputError):
