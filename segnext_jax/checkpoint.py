@@ -183,9 +183,11 @@ class Located:
 
 
 def locate(path: str | os.PathLike, step: int | None = None) -> Located:
-  """The checkpoint at `path` (see `resolve`), its metadata read (cheap: no arrays);
-  CheckpointError names a bad path, a missing step or an unreadable one."""
-  path, step = resolve(path, step)
+  """The checkpoint at `path` (see `resolve`; a released model's name: its conversion in the zoo
+  cache, see zoo.py), its metadata read (cheap: no arrays); CheckpointError names a bad path, a
+  missing step or an unreadable one."""
+  from segnext_jax import zoo
+  path, step = resolve(zoo.resolve(path), step)
   with manager(path) as mngr:
     try:
       meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -245,7 +247,7 @@ def load_located(found: Located, *, backbone_only_ok: bool = False,
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, **overrides: Any) -> tuple[SegNeXt, dict]:
-  """(model, {'params', 'batch_stats', 'nmf_bases'}) of a converted checkpoint or a train.py
-  workdir; `model.apply(variables, images, train=False)` uses the stored fixed NMF bases."""
+  """(model, {'params', 'batch_stats', 'nmf_bases'}) of a converted checkpoint, a train.py
+  workdir or a released model's name (docs/zoo.md); `model.apply(variables, images, train=False)` uses the stored fixed NMF bases."""
   model, variables, _ = load(ckpt_dir, **overrides)
   return model, variables

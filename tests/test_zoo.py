@@ -139,7 +139,7 @@ def test_fetch_convert_once_then_reuse_offline(served, tiny_pth, tmp_path, monke
   conv = zoo.converted(row.name)
   assert conv == zoo.resolve(row.name) == zoo.cache_dir() / "tiny_test_jax"
   from segnext_jax import load_checkpoint, torch_io
-  model, _ = load_checkpoint(conv)
+  model, _ = load_checkpoint(row.name)  # segnext_jax.load_checkpoint(NAME): the cached conversion
   assert tuple(model.embed_dims) == TINY["embed_dims"]
   from export_helpers import random_variables
   from segnext_jax import segnext
