@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -255,9 +256,12 @@ def test_report_json_keeps_its_fields_in_order():
   from segnext_jax.eval import report
   res = {"aAcc": 0.5, "mIoU": 0.25, "mAcc": 1 / 3, "IoU": np.array([0.25, np.nan]),
          "Acc": np.array([1 / 3, np.nan]), "images": 2, "images_per_s": 1.5, "seconds": 1.3,
-         "confusion": np.eye(2, dtype=np.int64)}
+         "confusion": np.eye(2, dtype=np.int64), "devices": 2, "processes": 1}
   doc = report.to_json(res, ["a", "b"], {"data": "x"})
-  assert list(doc) == ["aAcc", "mIoU", "mAcc", "per_class", "images", "images_per_s", "settings"]
+  assert list(doc) == ["aAcc", "mIoU", "mAcc", "per_class", "IoU", "confusion", "images",
+                       "images_per_s", "devices", "processes", "settings"]
+  assert doc["IoU"] == [25.0, None] and doc["confusion"] == [[1, 0], [0, 1]] and doc["devices"] == 2
+  json.dumps(doc)  # plain JSON types only
   assert doc["mAcc"] == 33.3333 and doc["per_class"] == {"a": {"IoU": 25.0, "Acc": 33.3333},
                                                          "b": {"IoU": None, "Acc": None}}
   assert "| a | 25.00 | 33.33 |" in report.format_table(res, ["a", "b"])

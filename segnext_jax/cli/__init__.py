@@ -71,6 +71,27 @@ COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JA
                       f"else {DEFAULT_CACHE}; '' to disable)")
 
 
+DISTRIBUTED_HELP = ("join a multi-process run: jax.distributed.initialize() from SLURM/TPU/MPI's "
+                    "variables, or JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and "
+                    "JAX_PROCESS_ID (docs/training.md#devices-and-hosts)")
+
+
+def init_distributed() -> None:
+  """jax.distributed.initialize() with the process layout from JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID when set (plain ssh, localhost), else what JAX detects (SLURM, TPU, MPI); CPU
+  processes exchange over gloo. Before anything else uses JAX."""
+  import jax
+  layout = {name: int(os.environ[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                          ("process_id", "JAX_PROCESS_ID"))
+            if os.environ.get(var)}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU backend's only
+  try:
+    jax.distributed.initialize(**layout)
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f"--distributed: {one_line(e)} (set JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under SLURM)") from None
+
+
 def quiet_absl(level: int = logging.ERROR) -> None:
   """Library chatter off: absl (orbax) below `level`, JAX's 'Unable to initialize backend' notes."""
   logging.getLogger("absl").setLevel(level)

@@ -23,6 +23,7 @@ def build_parser():
   cli.add_flag(p, "batch-size", type=int, default=4, help="images of one padded shape per batch")
   cli.add_flag(p, "max-images", type=int, default=0, help="0 = all")
   cli.add_flag(p, "out", default=None, help="write the results as JSON here")
+  cli.add_flag(p, "distributed", action="store_true", help=cli.DISTRIBUTED_HELP)
   inference_flags.add_flags(p)
   return p
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
+  if args.distributed:
+    cli.init_distributed()
+  import jax
   from segnext_jax.data.datasets import check, make_dataset
   import tqdm
   from segnext_jax.eval import Segmenter, evaluate, report
@@ -51,6 +55,10 @@ def _main(argv=None) -> int:
   print(inference_flags.header(found, run))
   segmenter = Segmenter.for_model(run.model, run.cfg, notify=tqdm.tqdm.write)
   res = evaluate(segmenter, run.variables, dataset, args.max_images)
+  if res["processes"] > 1:
+    tqdm.tqdm.write(f"process {jax.process_index()}: {res['images_here']} of {res['images']} images")
+  if jax.process_index() != 0:  # every process has the whole set's metrics; the first reports
+    return 0
   names = run.meta.get("class_names") or list(dataset.class_names)
   print(report.format_table(res, names))
   if args.out:

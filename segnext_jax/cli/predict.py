@@ -48,6 +48,8 @@ def build_parser():
   p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
   p.add_argument("images", nargs="+", help="image files and/or folders")
   p.add_argument("-o", "--out", default="predictions", help="output folder")
+  cli.add_flag(p, "distributed", action="store_true", help=cli.DISTRIBUTED_HELP + "; each "
+               "process writes its share of the images")
   inference_flags.add_flags(p)
   return p
 
@@ -67,7 +69,9 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   cli.quiet_absl()
-  from segnext_jax.eval import Segmenter
+  if args.distributed:
+    cli.init_distributed()
+  from segnext_jax.eval import Segmenter, spread
   files = collect_images(args.images)
   found = inference_flags.locate(args)
   k = (found.meta.get("model") or {}).get("num_classes", 150)
@@ -81,10 +85,10 @@ def _main(argv=None) -> int:
   print(inference_flags.header(found, run))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  for path in files:
-    img = images.pop(0)  # held from the check until its pictures are written
-    pred = segmenter.classes(run.variables, img)
+  for i, pred in spread.predict(segmenter, run.variables, images):
+    path, img = files[i], images[i]
     write_outputs(out, path.stem, img, pred, colors, names)
+    images[i] = None  # held from the check until its pictures are written
     present = ", ".join(str(names[c]) for c in np.unique(pred))
     print(f"{path}: {img.shape[1]}x{img.shape[0]} -> {out}/{path.stem}_*.png ({present})")
   return 0

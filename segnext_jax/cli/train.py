@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
   cli.add_flag(p, "config", default=None, metavar="NAME|FILE.json",
                help=f"preset ({', '.join(RECIPES)}) or a saved config.json (default: the --data "
                "kind's preset)")
-  cli.add_flag(p, "distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  cli.add_flag(p, "distributed", action="store_true", help=cli.DISTRIBUTED_HELP)
   cli.add_flag(p, "compile-cache", default=None,
                help=cli.COMPILE_CACHE_HELP + ": a restart or resume does not compile the step again")
   hints = typing.get_type_hints(TrainConfig)
@@ -132,8 +132,7 @@ def _main(argv=None) -> int:
   cli.quiet_absl(logging.WARNING)  # a run shows orbax's warnings
   cfg, distributed, cache = resolve(argv)
   if distributed:
-    import jax
-    jax.distributed.initialize()
+    cli.init_distributed()
   _compile_cache(cache)
   from segnext_jax.trainer import train_and_evaluate
   result = train_and_evaluate(cfg)

@@ -39,6 +39,10 @@ class CompiledForward:
     self._lock = threading.Lock()
     self._pool: cf.ThreadPoolExecutor | None = None
 
+  def replica(self) -> CompiledForward:
+    """The same forward with programs of its own (another device's: its variables live there)."""
+    return CompiledForward(self.fn, self.cfg, self._threads, self.notify)
+
   def key(self, canvas: Size, n: int = 1, batch: int | None = None) -> Key:
     """The program that n views of one canvas run in (batch: at least that many)."""
     return (max(n, batch or n), *canvas)

@@ -20,8 +20,12 @@ JSON_FIELDS: dict[str, Callable[[dict, Sequence[str]], Any]] = {
     "mAcc": lambda res, names: percent(res["mAcc"]),
     "per_class": lambda res, names: {n: {"IoU": percent(i), "Acc": percent(a)}
                                      for n, i, a in zip(names, res["IoU"], res["Acc"])},
+    "IoU": lambda res, names: [percent(i) for i in res["IoU"]],  # in class order
+    "confusion": lambda res, names: np.asarray(res["confusion"]).tolist(),  # [label][prediction]
     "images": lambda res, names: res["images"],
     "images_per_s": lambda res, names: res["images_per_s"],
+    "devices": lambda res, names: res["devices"],
+    "processes": lambda res, names: res["processes"],
 }
 
 
@@ -31,7 +35,8 @@ def format_table(res: dict, names: Sequence[str]) -> str:
   for name, iou, acc in zip(names, res["IoU"], res["Acc"]):
     rows.append(f"| {name} | {100 * iou:.2f} | {100 * acc:.2f} |")
   rows.append(f"\naAcc {100 * res['aAcc']:.2f}  mIoU {100 * res['mIoU']:.2f}  mAcc {100 * res['mAcc']:.2f}"
-              f"  ({res['images']} images, {res['images_per_s']:.2f} img/s)")
+              f"  ({res['images']} images, {res['images_per_s']:.2f} img/s on {res['devices']} "
+              f"device(s), {res['processes']} process(es))")
   return "\n".join(rows)
 
 

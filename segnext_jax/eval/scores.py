@@ -89,6 +89,10 @@ class Segmenter:
     fn = StagedForward(model) if backend.policy().staged_inference else jax.jit(apply)
     return cls(CompiledForward(fn, cfg, **kwargs), cfg, jax.jit(logits_at_input(apply)))
 
+  def replica(self) -> Segmenter:
+    """This inference with programs of its own, for variables on another device."""
+    return Segmenter(self.forward.replica(), self.cfg, self.window_fn)
+
   def scores(self, variables: dict, img: np.ndarray) -> np.ndarray:
     """(H, W, K) float32: logits (single view) or mean class probabilities (TTA)."""
     return self.merged(variables, img, classes=False).result(classes=False)

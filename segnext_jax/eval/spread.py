@@ -1,0 +1,80 @@
+"""Inference spread over every device and process: which images a process takes, one lane per
+local device, and the counts summed over processes.
+
+Processes split a list of images by index (process p takes p, p + P, ...); within a process each
+local device is a lane running its share of those images with its own copy of the variables and
+its own compiled programs (the same programs as on one device, so every image gets the same
+answer whatever the device count). Only the confusion matrix crosses processes, once, at the end.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from segnext_jax.eval.scores import Segmenter
+
+
+def my_share(n: int) -> range:
+  """The indices of n items this process takes: p, p + P, ... (each item taken by one process)."""
+  return range(jax.process_index(), n, jax.process_count())
+
+
+@dataclasses.dataclass
+class Lane:
+  """One device's part of the work: a Segmenter with its programs, the variables on the device."""
+  device: Any
+  segmenter: Segmenter
+  variables: dict
+
+
+def lanes(segmenter: Segmenter, variables: dict, devices: Sequence[Any] | None = None) -> list[Lane]:
+  """A lane per device (default: every local device); one device keeps segmenter and variables
+  as they are."""
+  devices = list(devices or jax.local_devices())
+  if len(devices) == 1:
+    return [Lane(devices[0], segmenter, variables)]
+  return [Lane(d, segmenter.replica(), on_device(variables, d)) for d in devices]
+
+
+def on_device(tree: Any, device) -> Any:
+  """The arrays of `tree` committed to `device` (a global array: from this process's replica)."""
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return jax.device_put(x, device)
+  return jax.tree.map(put, tree)
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+  """int64 counts summed over every process (all of them call this, once); exact at any size:
+  sent as their int32 halves, since JAX without x64 would cast int64 to int32."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils
+  halves = np.ascontiguousarray(counts, np.int64).view(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves))  # (P, *halves.shape)
+  return np.ascontiguousarray(gathered).view(np.int64).sum(0)
+
+
+def predict(segmenter: Segmenter, variables: dict, images: Sequence[np.ndarray],
+            devices: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+  """(index, (H, W) class map) of this process's share of `images`, in index order; image n of
+  the share runs on lane n % lanes (one thread per device)."""
+  found = lanes(segmenter, variables, devices)
+  share = my_share(len(images))
+  classes = lambda lane, img: lane.segmenter.classes(lane.variables, img)
+  if len(found) == 1:
+    for i in share:
+      yield i, classes(found[0], images[i])
+    return
+  with contextlib.ExitStack() as stack:
+    pools = [stack.enter_context(cf.ThreadPoolExecutor(1)) for _ in found]
+    queued = [(i, pools[n % len(found)].submit(classes, found[n % len(found)], images[i]))
+              for n, i in enumerate(share)]
+    for i, future in queued:
+      yield i, future.result()
