@@ -3,6 +3,9 @@ image's answer independent of order, batch size and run; the bases in use are re
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 
 from mmseg_eval import ADE_VAL3
-from conftest import TINY, command
+from conftest import TINY, command, host_devices_env
 from segnext_jax import init_variables, segnext
 from segnext_jax.checkpoint import save_converted
 
@@ -85,3 +88,15 @@ def test_eval_reports_bases_and_ignores_batch_size(small_checkpoint, tmp_path, c
   assert results[0]["per_class"] == results[1]["per_class"] and results[0]["images"] == 3
   assert results[0]["settings"]["nmf_bases"] == "fixed, drawn at init from seed 0"
   assert ev.main([str(tmp_path / "nothing"), "--data=synthetic"]) == 2
+  # the pinned scale-out check: eval.py on 2 forced host devices, the 1-device numbers exactly
+  out = tmp_path / "two.json"
+  res = subprocess.run([sys.executable, str(REPO / "eval.py"), str(small_checkpoint),
+                        f"--data=ade20k:{ADE_VAL3}", "--batch-size=3", "--compile-cache=", "--scale",
+                        "160", "96", f"--out={out}"], capture_output=True, text=True,
+                       env=dict(os.environ, **host_devices_env(2)))
+  assert res.returncode == 0, res.stderr[-3000:]
+  two = json.loads(out.read_text())
+  assert (results[1]["devices"], two["devices"], two["processes"]) == (1, 2, 1)
+  for key in ("mIoU", "IoU", "confusion", "aAcc", "per_class"):
+    assert two[key] == results[1][key], key
+  assert np.asarray(two["confusion"]).sum() > 0 and "on 2 device(s)" in res.stdout
