@@ -257,6 +257,9 @@ class _Run:
     self.finite.require()
     res = evaluate(self.segmenter, self.state.variables(), self.val_ds, self.cfg.eval_images,
                    progress=False)
+    if res["processes"] > 1:
+      log.info("step %d: validation: this process (%d of %d) evaluated %d of %d images", done,
+               jax.process_index(), res["processes"], res["images_here"], res["images"])
     self.history["eval"].append((done, res["mIoU"], res["aAcc"]))
     pct = {k: 100 * res[k] for k in ("aAcc", "mIoU", "mAcc")}
     iou = {n: (None if not np.isfinite(v) else 100 * float(v))

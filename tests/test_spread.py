@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from conftest import host_devices_env
+from conftest import TINY_RUN_FLAGS, host_devices_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +121,43 @@ print(json.dumps(evaluate(Segmenter.for_model(model, MODES["whole"]), variables,
   assert outs[0]["confusion"] == outs[1]["confusion"] == whole
   assert [o["here"] for o in outs] == [4, 3] and {o["processes"] for o in outs} == {2}
   assert outs[0]["mine"] == [0, 2, 4, 6] and outs[1]["mine"] == [1, 3, 5]
+
+
+def test_two_processes_train_validate_and_evaluate_as_one(tmp_path):
+  """train.py --distributed in two localhost processes (one device each) with in-run validation,
+  then eval.py --distributed: the parameters of one 2-device process to the bit, the same
+  validation metrics and confusion; each process validated its share of the images."""
+  import jax
+  from segnext_jax import checkpoint, metric_writer
+  root = tmp_path
+  flags = [*TINY_RUN_FLAGS, "--steps=2", "--eval-every=2", "--eval-images=5", "--ckpt-every=2",
+           "--compile-cache="]
+
+  def processes(script: str, *args: str) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(REPO / script), *args, "--distributed"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)))
+             for p in (0, 1)]
+    done = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=900)) for p in procs]
+    for proc, res in zip(procs, done):
+      assert proc.returncode == 0, res.stderr[-3000:]
+    return done
+
+  two = processes("train.py", *flags, f"--workdir={root / 'two'}")
+  for p, res in enumerate(two):
+    assert f"this process ({p} of 2) evaluated {3 - p} of 5 images" in res.stderr, res.stderr[-2000:]
+  one = subprocess.run([sys.executable, str(REPO / "train.py"), *flags, f"--workdir={root / 'one'}"],
+                       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, **host_devices_env(2)))
+  assert one.returncode == 0, one.stderr[-3000:]
+  a = checkpoint.load(root / "two", step=2)[1]
+  b = checkpoint.load(root / "one", step=2)[1]
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  val = lambda wd: [r for r in metric_writer.read(wd) if r["split"] == "val"]
+  assert val(root / "two") == val(root / "one") and len(val(root / "one")) == 1
+  ev = processes("eval.py", str(root / "two"), "--max-images=5", f"--out={root / 'e.json'}")
+  doc = json.loads((root / "e.json").read_text())
+  assert (doc["processes"], doc["devices"], doc["images"]) == (2, 2, 5)
+  assert doc["mIoU"] == round(val(root / "one")[0]["mIoU"], 4)
+  assert "process 1: 2 of 5 images" in ev[1].stderr + ev[1].stdout

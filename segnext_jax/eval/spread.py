@@ -34,10 +34,12 @@ class Lane:
 
 def lanes(segmenter: Segmenter, variables: dict, devices: Sequence[Any] | None = None) -> list[Lane]:
   """A lane per device (default: every local device); one device keeps segmenter and variables
-  as they are."""
+  as they are, unless they span processes (a run's state: this process's replica is used)."""
   devices = list(devices or jax.local_devices())
   if len(devices) == 1:
-    return [Lane(devices[0], segmenter, variables)]
+    spans = any(isinstance(x, jax.Array) and not x.is_fully_addressable
+                for x in jax.tree.leaves(variables))
+    return [Lane(devices[0], segmenter, on_device(variables, devices[0]) if spans else variables)]
   return [Lane(d, segmenter.replica(), on_device(variables, d)) for d in devices]
 
 
