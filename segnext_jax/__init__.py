@@ -8,11 +8,14 @@ from segnext_jax.model import VARIANTS, SegNeXt, segnext, init_variables
 from segnext_jax.mscan import MSCAN
 
 __all__ = ["MSCAN", "LightHamHead", "Hamburger", "SegNeXt", "VARIANTS", "nmf2d", "random_bases",
-           "segnext", "init_variables", "load_checkpoint"]
+           "segnext", "init_variables", "load_checkpoint", "Inferencer"]
 
 
 def __getattr__(name):
   if name == "load_checkpoint":  # lazy: keeps orbax off the import path of the model code
     from segnext_jax.checkpoint import load_checkpoint
     return load_checkpoint
+  if name == "Inferencer":
+    from segnext_jax.inferencer import Inferencer
+    return Inferencer
   raise AttributeError(name)

@@ -90,6 +90,24 @@ def test_predictor_matches_mmseg_test_pipeline(torch_ref_t, converted_t, mode):
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 
 
+def test_inferencer_gives_mmseg_seg_logits(torch_ref_t, converted_t, tmp_path):
+  """segnext_jax.Inferencer on the converted parity checkpoint: mmseg's seg_logits (its
+  inference_model) at the image's size; its class map is their argmax."""
+  from segnext_jax import Inferencer, checkpoint
+  _, variables = converted_t
+  _, meta, _ = torch_io.convert_file(torch_ref_t.path)
+  seg = Inferencer(checkpoint.save_converted(tmp_path / "t", variables, meta), "whole",
+                   scale=(200, 100))
+  img = (np.random.default_rng(0).random((83, 121, 3)) * 255).astype(np.uint8)
+  ours = seg.logits(img)
+  mm = segmentor(torch_ref_t)
+  use_bases(mm, fixed_bases(variables))
+  ref = predict_view(mm, resize_image(img, rescale_size(img.shape[:2], (200, 100))), img.shape[:2])
+  assert ours.shape == ref.shape == (83, 121, 150)
+  assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
+  np.testing.assert_array_equal(seg(img), ours.argmax(-1))
+
+
 def test_flipped_view_matches_mmseg_postprocess(torch_ref_t, converted_t):
   """A flipped view: mmseg crops the padding, flips back, resizes; so do we (by gather indices),
   from the stride-8 logits of the view run on its canvas."""

@@ -100,3 +100,29 @@ def test_eval_reports_bases_and_ignores_batch_size(small_checkpoint, tmp_path, c
   for key in ("mIoU", "IoU", "confusion", "aAcc", "per_class"):
     assert two[key] == results[1][key], key
   assert np.asarray(two["confusion"]).sum() > 0 and "on 2 device(s)" in res.stdout
+
+
+def test_inferencer_takes_paths_arrays_and_pil_images_at_their_own_size(small_checkpoint, tmp_path):
+  """segnext_jax.Inferencer(CKPT)(images): predict.py's class maps, for mixed sizes and kinds of
+  input in one call; .scores are probabilities whose argmax is the map."""
+  from PIL import Image
+  from segnext_jax import Inferencer
+  from segnext_jax.data.files import read_image
+  from segnext_jax.errors import InputError
+  maps = predict_maps(small_checkpoint, IMAGES, tmp_path / "p")
+  seg = Inferencer(small_checkpoint)
+  arrays = [read_image(p) for p in IMAGES]
+  got = seg([IMAGES[0], arrays[1], Image.fromarray(arrays[2])])
+  assert isinstance(got, list) and len({m.shape for m in got}) == 3
+  for path, m in zip(IMAGES, got):
+    assert m.dtype == np.int32
+    np.testing.assert_array_equal(m, maps[path.stem])
+  np.testing.assert_array_equal(seg(arrays[1]), got[1])  # one image in, one map out
+  probs = seg.scores(arrays[2])
+  assert probs.shape == (*arrays[2].shape[:2], 150)
+  np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
+  np.testing.assert_array_equal(probs.argmax(-1), got[2])
+  with pytest.raises(InputError, match="RGB uint8"):
+    seg([arrays[0].astype(np.float32)])
+  with pytest.raises(InputError, match="mode 'fast'"):
+    Inferencer(small_checkpoint, "fast")
