@@ -53,10 +53,7 @@ class Inferencer:
 
   def scores(self, images):
     """Per-class probabilities ((H, W, K) float32, summing to 1 over K) of each image."""
-    def probs(lane, img):
-      out = lane.segmenter.scores(lane.variables, img)
-      return out if self.cfg.tta else _softmax(out)  # TTA's scores are probabilities already
-    return self._map(images, probs)
+    return self._map(images, lambda lane, img: lane.segmenter.probabilities(lane.variables, img))
 
   def logits(self, images):
     """mmseg's seg_logits of each image ((H, W, K) float32): the logits at the image's size, or
@@ -95,9 +92,3 @@ def read(image) -> np.ndarray:
 def _is_one_image(x) -> bool:
   return (isinstance(x, (str, os.PathLike)) or type(x).__module__.startswith("PIL.")
           or (isinstance(x, np.ndarray) and x.ndim == 3))
-
-
-def _softmax(logits) -> np.ndarray:
-  x = np.asarray(logits, np.float32)
-  e = np.exp(x - x.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)

@@ -33,11 +33,16 @@ def colorize(pred: np.ndarray, colors: np.ndarray) -> np.ndarray:
   return colors[pred]
 
 
+def overlay(img: np.ndarray, colored: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """The image blended with a colour mask (uint8, the image's size)."""
+  return (img.astype(np.float32) * (1 - alpha) + colored.astype(np.float32) * alpha).astype(np.uint8)
+
+
 def overlay_with_legend(img: np.ndarray, pred: np.ndarray, colors: np.ndarray,
                         names: Sequence[str], alpha: float = 0.5) -> np.ndarray:
   """The image blended with the colour mask, plus a legend panel of the classes present (the
   most frequent first)."""
-  blend = (img.astype(np.float32) * (1 - alpha) + colorize(pred, colors).astype(np.float32) * alpha)
+  blend = overlay(img, colorize(pred, colors), alpha)
   present, counts = np.unique(pred, return_counts=True)
   order = present[np.argsort(-counts)]
   row = max(18, img.shape[0] // 30)
@@ -48,6 +53,6 @@ def overlay_with_legend(img: np.ndarray, pred: np.ndarray, colors: np.ndarray,
     cv2.putText(panel, str(names[c])[:24], (row + 10, y + row - 7), cv2.FONT_HERSHEY_SIMPLEX,
                 0.45, (0, 0, 0), 1, cv2.LINE_AA)
   canvas = np.full((panel.shape[0], img.shape[1] + panel.shape[1], 3), 255, np.uint8)
-  canvas[:img.shape[0], :img.shape[1]] = blend.astype(np.uint8)
+  canvas[:img.shape[0], :img.shape[1]] = blend
   canvas[:, img.shape[1]:] = panel
   return canvas

@@ -126,3 +126,57 @@ def test_inferencer_takes_paths_arrays_and_pil_images_at_their_own_size(small_ch
     seg([arrays[0].astype(np.float32)])
   with pytest.raises(InputError, match="mode 'fast'"):
     Inferencer(small_checkpoint, "fast")
+
+
+def test_save_scores_writes_float16_probabilities(small_checkpoint, tmp_path):
+  """--save-scores: NAME_scores.npz beside the pictures, the Inferencer's probabilities in
+  float16, with the class names; the class map unchanged."""
+  from segnext_jax import Inferencer
+  from segnext_jax.data.files import read_image
+  maps = predict_maps(small_checkpoint, IMAGES[:1], tmp_path / "s", "--save-scores")
+  saved = np.load(tmp_path / "s" / f"{IMAGES[0].stem}_scores.npz")
+  scores, names = saved["scores"], saved["class_names"]
+  assert scores.dtype == np.float16 and scores.shape == (*maps[IMAGES[0].stem].shape, 150)
+  assert len(names) == 150 and names[0] == "wall"
+  ref = Inferencer(small_checkpoint).scores(read_image(IMAGES[0]))
+  assert np.abs(scores.astype(np.float32) - ref).max() < 1e-3
+  assert (ref.argmax(-1) == maps[IMAGES[0].stem]).all()
+
+
+def test_video_in_mask_and_overlay_videos_out(small_checkpoint, tmp_path, capsys):
+  """predict.py clip.mp4: mask and overlay videos at the source's rate and size; every frame's
+  map is the image prediction of that frame, from one compiled program for all frames."""
+  from segnext_jax import load_checkpoint, video
+  from segnext_jax.eval import InferenceConfig, Segmenter
+  from segnext_jax.viz import colorize, palette
+  clip_path = tmp_path / "clip.mp4"
+  src = cv2.VideoWriter(str(clip_path), cv2.VideoWriter_fourcc(*"mp4v"), 12.0, (128, 96))
+  g = np.random.default_rng(0)
+  base = cv2.resize(g.integers(0, 256, (12, 16, 3), dtype=np.uint8), (128, 96))
+  for i in range(5):
+    src.write(np.roll(base, 6 * i, axis=1))
+  src.release()
+  assert command("predict").main([str(small_checkpoint), str(clip_path), "-o", str(tmp_path / "o"),
+                                  "--compile-cache="]) == 0
+  assert "clip.mp4: 5 frames 128x96 at 12 fps" in capsys.readouterr().out
+  model, variables = load_checkpoint(small_checkpoint)
+  seg = Segmenter.for_model(model, InferenceConfig())
+  frames = list(video.frames(clip_path))
+  preds = [seg.classes(variables, f) for f in frames]
+  assert len(seg.forward.programs) == 1 and len(np.unique(preds[0])) > 3
+  got = []
+  (tmp_path / "lib").mkdir()
+  video.segment(video.open_clip(clip_path), lambda f: seg.classes(variables, f), tmp_path / "lib",
+                palette({}, 150), [str(i) for i in range(150)], on_frame=lambda i, p: got.append(p))
+  assert all(np.array_equal(a, b) for a, b in zip(got, preds)) and len(got) == 5
+  for kind in ("mask", "overlay"):
+    out = tmp_path / "o" / f"clip_{kind}.mp4"
+    clip = video.open_clip(out)
+    assert (clip.fps, clip.size, clip.frames) == (12.0, (96, 128), 5), kind
+  decoded = list(video.frames(tmp_path / "o" / "clip_mask.mp4"))
+  colors = palette({}, 150)
+  # a lossy codec: each decoded frame is nearer its own frame's colour mask than another frame's
+  diff = lambda frame, pred: np.abs(frame.astype(int) - colorize(pred, colors)).mean()
+  for j, frame in enumerate(decoded):
+    own, other = diff(frame, preds[j]), diff(frame, preds[(j + 2) % 5])
+    assert own < 0.8 * other, (j, own, other)

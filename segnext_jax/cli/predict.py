@@ -1,10 +1,14 @@
 """Predict segmentation maps and write pictures: raw class-index PNG, colour mask, overlay + legend.
 
-  python predict.py converted/segnext_t photo.jpg more/ -o out/ [--tta]
+  python predict.py converted/segnext_t photo.jpg more/ -o out/ [--tta] [--save-scores]
+  python predict.py segnext_mscan-t_ade20k clip.mp4 -o out/        # a video: mask and overlay videos
 For each input image NAME this writes out/NAME_classes.png (uint8 class ids), out/NAME_mask.png
 (the checkpoint's palette, else ADE20K's for 150 classes) and out/NAME_overlay.png (image blended
-with the mask, and a legend of the classes present). Images run one at a time with the fixed NMF
-bases, so a map does not depend on which other images are given, or in what order.
+with the mask, and a legend of the classes present); --save-scores adds NAME_scores.npz (per-class
+probabilities, float16 (H, W, K), and the class names). For a video NAME.mp4 (.avi, .mov, .mkv,
+.webm) it writes NAME_mask.mp4 and NAME_overlay.mp4 at the source's frame rate, each frame
+segmented as an image is. Images run one at a time with the fixed NMF bases, so a map does not
+depend on which other images are given, or in what order.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def build_parser():
   p.add_argument("checkpoint", help="converted checkpoint dir or train.py workdir")
   p.add_argument("images", nargs="+", help="image files and/or folders")
   p.add_argument("-o", "--out", default="predictions", help="output folder")
+  cli.add_flag(p, "save-scores", action="store_true", help="also write NAME_scores.npz: per-class "
+               "probabilities (float16 (H, W, K), 'scores'; 'class_names'), for images")
   cli.add_flag(p, "distributed", action="store_true", help=cli.DISTRIBUTED_HELP + "; each "
                "process writes its share of the images")
   inference_flags.add_flags(p)
@@ -72,7 +78,12 @@ def _main(argv=None) -> int:
   if args.distributed:
     cli.init_distributed()
   from segnext_jax.eval import Segmenter, spread
-  files = collect_images(args.images)
+  from segnext_jax import video
+  inputs = collect_images(args.images)
+  files = [p for p in inputs if not video.is_video(p)]
+  clips = [video.open_clip(p) for p in inputs if video.is_video(p)]  # each decodes: checked first
+  if clips and args.save_scores:
+    raise InputError(f"--save-scores writes images' scores; {clips[0].path} is a video")
   found = inference_flags.locate(args)
   k = (found.meta.get("model") or {}).get("num_classes", 150)
   if k > 256:
@@ -85,12 +96,25 @@ def _main(argv=None) -> int:
   print(inference_flags.header(found, run))
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  for i, pred in spread.predict(segmenter, run.variables, images):
+  what = None
+  if args.save_scores:
+    what = lambda seg, v, img: (seg.classes(v, img), seg.probabilities(v, img))
+  for i, result in spread.predict(segmenter, run.variables, images, what=what):
     path, img = files[i], images[i]
+    pred = result[0] if args.save_scores else result
     write_outputs(out, path.stem, img, pred, colors, names)
+    if args.save_scores:
+      np.savez_compressed(out / f"{path.stem}_scores.npz", scores=result[1].astype(np.float16),
+                          class_names=np.asarray(names))
     images[i] = None  # held from the check until its pictures are written
     present = ", ".join(str(names[c]) for c in np.unique(pred))
     print(f"{path}: {img.shape[1]}x{img.shape[0]} -> {out}/{path.stem}_*.png ({present})")
+  for i in spread.my_share(len(clips)):  # a clip's frames share one canvas: one set of programs
+    clip = clips[i]
+    done = video.segment(clip, lambda frame: segmenter.classes(run.variables, frame), out, colors,
+                         names)
+    print(f"{clip.path}: {done['frames']} frames {clip.size[1]}x{clip.size[0]} at {clip.fps:g} fps "
+          f"-> {done['mask']}, {done['overlay']}")
   return 0
 
 

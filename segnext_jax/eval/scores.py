@@ -97,6 +97,15 @@ class Segmenter:
     """(H, W, K) float32: logits (single view) or mean class probabilities (TTA)."""
     return self.merged(variables, img, classes=False).result(classes=False)
 
+  def probabilities(self, variables: dict, img: np.ndarray) -> np.ndarray:
+    """(H, W, K) float32 per-class probabilities: the softmax of the logits (TTA: the mean of
+    the views' softmax, as the scores are)."""
+    out = np.asarray(self.scores(variables, img), np.float32)
+    if self.cfg.tta:
+      return out
+    e = np.exp(out - out.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
   def classes(self, variables: dict, img: np.ndarray) -> np.ndarray:
     """(H, W) int32 predicted classes."""
     return self.merged(variables, img, classes=True).result(classes=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -64,12 +64,16 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
 
 
 def predict(segmenter: Segmenter, variables: dict, images: Sequence[np.ndarray],
-            devices: Sequence[Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-  """(index, (H, W) class map) of this process's share of `images`, in index order; image n of
-  the share runs on lane n % lanes (one thread per device)."""
+            devices: Sequence[Any] | None = None,
+            what: Callable[[Segmenter, dict, np.ndarray], Any] | None = None
+            ) -> Iterator[tuple[int, Any]]:
+  """(index, what(segmenter, variables, image): default the (H, W) class map) of this process's
+  share of `images`, in index order; image n of the share runs on lane n % lanes (one thread
+  per device)."""
   found = lanes(segmenter, variables, devices)
   share = my_share(len(images))
-  classes = lambda lane, img: lane.segmenter.classes(lane.variables, img)
+  what = what or (lambda seg, v, img: seg.classes(v, img))
+  classes = lambda lane, img: what(lane.segmenter, lane.variables, img)
   if len(found) == 1:
     for i in share:
       yield i, classes(found[0], images[i])
