@@ -63,3 +63,77 @@ def test_conversion_without_torch_equals_the_one_with_it(torch_ref_t, monkeypatc
   for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_torch)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert meta2["variant"] == meta["variant"] and meta2["model"] == meta["model"]
+
+
+def released_layouts(sd: dict) -> dict:
+  """The files the converter reads, as their releases wrap them: mmseg 1.x segmentors (meta with
+  dataset_meta and the config text, optimizer state, schedulers), the official repository's
+  (mmseg 0.x: CLASSES/PALETTE, mlp.dwconv.dwconv keys), and the ImageNet MSCAN backbones of
+  both (bare, with the classifier's head.* keys)."""
+  import torch
+  official = lambda d: {k.replace(".mlp.dwconv.", ".mlp.dwconv.dwconv."): v for k, v in d.items()}
+  backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+  backbone.update({"head.weight": torch.randn(1000, backbone["norm4.weight"].shape[0]),
+                   "head.bias": torch.zeros(1000)})
+  optimizer = {"state": {0: {"step": torch.tensor(160000.0), "exp_avg": torch.zeros(3)}},
+               "param_groups": [{"lr": 6e-5, "betas": (0.9, 0.999), "params": [0]}]}
+  return {
+      "mmseg 1.x segmentor": {
+          "meta": {"mmseg_version": "1.0.0", "epoch": 0, "iter": 160000, "seed": 0,
+                   "dataset_meta": {"classes": ("wall", "building"), "palette": [[120, 120, 120]]},
+                   "cfg": "model = dict(decode_head=dict(ham_kwargs=dict(MD_R=16)))"},
+          "state_dict": collections.OrderedDict(sd), "optimizer": optimizer,
+          "param_schedulers": [{"start_factor": 1e-6, "end": 1500, "last_step": 160000}],
+          "message_hub": {"log_scalars": {}, "runtime_info": {"iter": 160000}}},
+      "official segmentor": {
+          "meta": {"CLASSES": ("wall", "building"), "PALETTE": [[120, 120, 120]],
+                   "config": "norm_cfg = dict(type='SyncBN')", "env_info": "sys.platform: linux",
+                   "seed": 0, "iter": 160000},
+          "state_dict": collections.OrderedDict(official(sd)), "optimizer": optimizer},
+      "mmseg MSCAN backbone": collections.OrderedDict(backbone),
+      "official MSCAN backbone": {"state_dict": collections.OrderedDict(official(backbone))},
+  }
+
+
+def test_every_released_layout_reads_as_torch_loads_it(tmp_path, monkeypatch):
+  """Each released wrapping, written by torch.save: the torch-free reader's tensors equal
+  torch.load's one by one, and the conversion without torch equals the one with it."""
+  import jax
+  import torch
+  from conftest import TINY
+  from segnext_jax import torch_io
+  from segnext_jax.mmseg_reference import mmseg_segmentor_modules, segmentor_state_dict
+  sd = segmentor_state_dict(*mmseg_segmentor_modules("t", **TINY))
+  files = {}
+  for name, obj in released_layouts(sd).items():
+    files[name] = tmp_path / f"{name.replace(' ', '_')}.pth"
+    torch.save(obj, files[name])
+  converted = {}
+  for name, path in files.items():
+    want = torch.load(path, weights_only=False)
+    got = pth_reader.read(path)
+    flat_want = {k: v for k, v in _tensors(want)}
+    flat_got = dict(_tensors(got))
+    assert flat_got.keys() == flat_want.keys() and len(flat_got) > 10, name
+    for k, v in flat_want.items():
+      np.testing.assert_array_equal(flat_got[k], v.numpy(), err_msg=f"{name}: {k}")
+    converted[name] = torch_io.convert_file(path)
+  monkeypatch.setitem(sys.modules, "torch", None)
+  for name, path in files.items():
+    without, meta, report = torch_io.convert_file(path)
+    with_torch, meta_t, report_t = converted[name]
+    assert report.source_format == report_t.source_format and meta == meta_t, name
+    for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_torch), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def _tensors(obj, prefix: str = ""):
+  """(path, tensor or array) of every tensor in a nested checkpoint object."""
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from _tensors(v, f"{prefix}/{k}")
+  elif isinstance(obj, (list, tuple)):
+    for i, v in enumerate(obj):
+      yield from _tensors(v, f"{prefix}/{i}")
+  elif hasattr(obj, "shape") and not isinstance(obj, pth_reader.Opaque):
+    yield prefix, obj
