@@ -19,6 +19,10 @@ SUITE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_e
 if os.environ.get("SEGNEXT_TEST_XLA_OPT", "0") != "default":
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *SUITE_XLA_FLAGS]))
 
+from segnext_jax import cpu_memory  # noqa: E402
+
+cpu_memory.keep_freed_memory()  # before any backend starts: in-process runs as the commands run
+
 from segnext_jax.mmseg_reference import (TorchReference, mmseg_segmentor_modules,  # noqa: F401 (re-export)
                                  segmentor_state_dict)
 
@@ -96,9 +100,10 @@ TINY_RUN_FLAGS = ["--model-overrides", json.dumps(TINY), "--batch-size=2", "--cr
 
 def tiny_train_model(precision: str = "fp32"):
   """TINY as the trainer builds it (6 classes, DropPath and dropout off: deterministic)."""
-  from segnext_jax.config import PRESETS, make_config
+  from segnext_jax.config import make_config
+  from segnext_jax.recipes import RECIPES
   from segnext_jax.train_lib import build_model
-  cfg = make_config(PRESETS["synthetic"], dict(model_overrides=dict(TINY, drop_path=0.0, dropout=0.0),
+  cfg = make_config(RECIPES["synthetic"], dict(model_overrides=dict(TINY, drop_path=0.0, dropout=0.0),
                                                precision=precision, warmup_steps=0, batch_size=4))
   return cfg, build_model(cfg, 6)
 
