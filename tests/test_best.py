@@ -108,7 +108,8 @@ def scripted_evaluate(monkeypatch):
     m = SCRIPT[at["step"]] / 100
     k = dataset.num_classes
     return {"aAcc": 0.5, "mIoU": m, "mAcc": 0.5, "IoU": np.full(k, m), "Acc": np.full(k, 0.5),
-            "images": 2, "seconds": 0.0, "images_per_s": 0.0, "confusion": np.zeros((k, k))}
+            "images": 2, "images_here": 2, "devices": 1, "processes": 1, "seconds": 0.0,
+            "images_per_s": 0.0, "confusion": np.zeros((k, k))}
 
   monkeypatch.setattr(trainer, "MetricWriter", Track)
   monkeypatch.setattr(eval_lib, "evaluate", evaluate)
