@@ -31,12 +31,12 @@ FP32_ATOL = 1e-4  # on O(1) activations, float32, whole network
 # Test files, heaviest first (docs/testing.md has the measured times). xdist's --dist loadfile
 # hands files to its two workers in collection order as they free up, so running the long ones
 # first lets both workers finish together; files not listed follow, in their usual order.
-HEAVY_FIRST = ["test_faults.py", "test_topology.py", "test_eval_lib.py", "test_export.py",
+HEAVY_FIRST = ["test_spread.py", "test_faults.py", "test_topology.py", "test_eval_lib.py", "test_export.py",
                "test_best.py", "test_model.py", "test_train_lib.py", "test_precision.py",
                "test_eval_tta.py", "test_convert.py", "test_parity.py", "test_staged.py",
                "test_inference_cli.py", "test_cli.py", "test_loader.py", "test_padding.py",
                "test_finetune.py", "test_backend.py", "test_gradcheck.py", "test_loss.py",
-               "test_pth_reader.py",
+               "test_pth_reader.py", "test_zoo.py",
                "test_data_pascal.py"]
 
 
