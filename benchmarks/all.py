@@ -1,8 +1,9 @@
 """Every CPU benchmark in one run, one table each, recorded in docs/benchmarks.md with the date, the
 machine and each command: inference (T, L at batch 1 and 8), the train step (T and L, batch 2),
-eval throughput (whole and TTA, cold and warm compile cache). Needs the dev extra (mmseg torch).
+eval throughput once compiled and eval from a cold start (whole and TTA). Needs the dev extra
+(mmseg torch).
 
-  python benchmarks/all.py             # about 30 min on 2 cores; rewrites docs/benchmarks.md
+  python benchmarks/all.py             # about 40 min on 2 cores; rewrites docs/benchmarks.md
   python benchmarks/all.py --quick     # T only, fewer runs and images; prints, writes no file
   python benchmarks/all.py --dry-run   # the machine and the commands; runs nothing
   python benchmarks/all.py --out FILE  # record there instead ('-': print only)
@@ -33,12 +34,15 @@ not this file). What the numbers mean, where the time goes and which targets are
 
 ```bash
 pip install -e .[dev]                 # the benchmarks run mmseg's own torch modules next to ours
-python benchmarks/all.py              # the three below, one table each (about 30 min; --quick: T only)
+python benchmarks/all.py              # the four below, one table each (about 40 min; --quick: T only)
 python benchmarks/inference.py        # T and L at batch 1 and 8, 512x512: ms/img, torch/JAX,
                                       # achieved GFLOP/s next to the machine's matmul GFLOP/s
-python benchmarks/train_step.py       # T (or --variant l), 2x3x512x512: forward + CE + backward + AdamW, peak RSS
-python benchmarks/eval_throughput.py  # eval.py's evaluate on 10 ADE-sized images, whole and TTA,
-                                      # cold and warm compile cache
+python benchmarks/train_step.py       # T (or --variant l), batch 2 at 512x512 as TrainLoader gives it
+                                      # (uint8): train.py's step, ms and peak RSS, vs mmseg torch
+python benchmarks/eval_throughput.py  # eval.py's evaluate on 10 ADE-sized images, whole and TTA:
+                                      # images/s once every program is compiled
+python benchmarks/eval_cold.py        # the same images from a cold start: whole eval.py processes
+                                      # (empty, then warm compile cache) vs mmseg's Runner.test
 python benchmarks/op_profile.py       # where a step's time goes, per model part (jax.profiler + HLO)
 python benchmarks/depthwise.py        # each depthwise impl against torch (docs/backends.md)
 python benchmarks/export_latency.py   # ONNX (onnxruntime) and StableHLO next to JAX (docs/deploy.md)
@@ -48,9 +52,12 @@ python benchmarks/gpu.py              # on a GPU machine: the one-call GPU table
 
 Same weights on both sides; torch is mmseg's own modules, eager. `inference.py` times both in one
 process, interleaved run by run; `train_step.py` runs each side in its own process (peak RSS is
-its own), torch with glibc's default malloc as mmseg users run it, and a third row with torch
-under segnext_jax's malloc policy. `eval_throughput.py` runs each (mode, cache) in its own process.
-On this project's shared CI-like machine the same benchmark varies by about 10% between runs.
+its own): JAX opted in to segnext_jax's malloc policy as the commands are, torch with glibc's
+default malloc as mmseg users run it, and a third row with torch under the policy.
+`eval_throughput.py` times evaluate() passes after a compiling one, in one process;
+`eval_cold.py` times whole processes from start to exit. On this project's shared CI-like
+machine (2 cores, other jobs running) the same benchmark varies by 10% or more between runs:
+compare the rows of one run with each other, not with another run's.
 """
 
 
@@ -60,7 +67,9 @@ def jobs(quick: bool) -> list[list[str]]:
   runs = "3" if quick else "7"
   out = [["inference.py", "--variants", *variants, "--runs", runs]]
   out += [["train_step.py", "--variant", v, "--runs", "3" if v == "l" else runs] for v in variants]
-  out += [["eval_throughput.py", "--images", "3" if quick else "10"]]
+  images = "3" if quick else "10"
+  out += [["eval_throughput.py", "--images", images]]
+  out += [["eval_cold.py", "--images", images, *(["--modes", "whole"] if quick else [])]]
   return out
 
 

@@ -10,17 +10,13 @@ width, the MLP's 3x3 at mlp_ratio x width); per stage and kernel, the median ms 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import interleaved_ms  # noqa: E402
-
-from segnext_jax.depthwise import IMPLS, depthwise_conv2d  # noqa: E402
+import common  # benchmarks/common.py: this script's folder is first on sys.path
+from segnext_jax.depthwise import IMPLS, depthwise_conv2d
 
 KERNELS = [(5, 5), (1, 7), (7, 1), (1, 11), (11, 1), (1, 21), (21, 1)]
 
@@ -71,6 +67,7 @@ def main() -> None:
   p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args()
+  common.keep_freed_memory()  # first: before JAX starts
   cols = [*args.impls, *([] if args.no_torch else ["torch"])]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.variant.upper()} "
         f"{args.batch}x{args.size}x{args.size}; median ms of {args.runs}, forward / forward+backward")
@@ -81,8 +78,8 @@ def main() -> None:
     fns = [jax_fns(impl, shape, k) for impl in args.impls]
     if not args.no_torch:
       fns.append(torch_fns(shape, k))
-    fwd = interleaved_ms([f for f, _ in fns], args.runs)
-    both = interleaved_ms([g for _, g in fns], args.runs)
+    fwd = common.interleaved_ms([f for f, _ in fns], args.runs)
+    both = common.interleaved_ms([g for _, g in fns], args.runs)
     for c, a, b in zip(cols, fwd, both):
       totals[c] += (a, b)
     cells = " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(fwd, both))

@@ -1,18 +1,20 @@
-"""Cold evaluation of varied-size images: the whole `eval.py` process (fresh compile cache) against
-mmseg 1.x's own `Runner.test` on the same images and the same weights, whole-image and ms+flip TTA.
+"""Evaluation from a cold start, the time to a result: the whole `eval.py` process (empty compile
+cache) against mmseg 1.x's own `Runner.test` on the same images and the same weights, whole-image
+and ms+flip TTA. The throughput of an evaluation already compiled is eval_throughput.py's.
 
   python benchmarks/eval_cold.py [--images 10] [--modes whole tta] [--sides ours mmseg]
   python benchmarks/eval_cold.py --profile [--modes tta]   # where our cold eval's time goes
   python benchmarks/eval_cold.py --no-warm                 # skip the second (warm-cache) process
 
-The images are the three real ADE20K val JPEGs of tests/data, cut and resized to 200-700 px (ADE20K's
-val set has no single size), written as an ADEChallengeData2016 tree. The model is a random-init
+Images: common.write_ade_eval_tree (the three real ADE20K val JPEGs of tests/data, cut and
+resized to 200-700 px: ADE20K's val set has no single size). The model is a random-init
 SegNeXt-T built by mmseg from its ADE20K config, saved as an mmseg .pth (what `Runner.test` loads)
 and converted with convert/from_torch.py (what `eval.py` loads). Each run is its own process, timed
 from start to exit: ours with an empty compile cache, mmseg as its tools/test.py runs a config
 (`--tta`: SegTTAModel over the config's tta_pipeline); then ours once more, the compile cache
-that the first process filled now warm (what a second evaluation on the machine costs). `--profile` runs our evaluation in this
-process and sums XLA compile time per jitted function, against the wall time.
+that the first process filled now warm (what a second evaluation on the machine costs).
+`--profile` runs our evaluation in this process (opted in to the malloc policy, as eval.py is)
+and sums XLA compile time per jitted function, against the wall time.
 """
 from __future__ import annotations
 
@@ -28,43 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ADE_SAMPLE = ROOT / "tests" / "data" / "ade20k_val3"
-# (height, width) of the benchmark images, 200-700 px: the three samples' own sizes first, then
-# crops of them resized to other sizes and aspect ratios (landscape and portrait).
-SIZES = [(512, 683), (364, 500), (300, 400), (480, 640), (700, 525), (230, 310), (256, 455),
-         (600, 450), (420, 690), (333, 500), (640, 360), (384, 512)]
+import common  # benchmarks/common.py: this script's folder is first on sys.path
+
+ROOT = common.REPO
 MMSEG_CONFIG = "segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py"
-
-
-def write_ade_tree(dst: Path, n: int) -> list[tuple[int, int]]:
-  """n images + annotations in ADEChallengeData2016 layout, cut and resized from the real samples."""
-  import cv2
-  import numpy as np
-  src_img = sorted((ADE_SAMPLE / "images" / "validation").glob("*.jpg"))
-  src_ann = sorted((ADE_SAMPLE / "annotations" / "validation").glob("*.png"))
-  for sub in ("images", "annotations"):
-    (dst / sub / "validation").mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(0)
-  for i in range(n):
-    img = cv2.imread(str(src_img[i % len(src_img)]), cv2.IMREAD_COLOR)
-    ann = cv2.imread(str(src_ann[i % len(src_ann)]), cv2.IMREAD_UNCHANGED)
-    h, w = SIZES[i % len(SIZES)]
-    if (h, w) != img.shape[:2]:  # a crop of the target's aspect ratio, resized to it
-      ch = min(img.shape[0], int(img.shape[1] * h / w))
-      cw = min(img.shape[1], int(ch * w / h))
-      y, x = rng.integers(0, img.shape[0] - ch + 1), rng.integers(0, img.shape[1] - cw + 1)
-      img = cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-      ann = cv2.resize(ann[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_NEAREST)
-    name = f"ADE_val_{i + 1:08d}"
-    cv2.imwrite(str(dst / "images" / "validation" / f"{name}.jpg"), img)
-    cv2.imwrite(str(dst / "annotations" / "validation" / f"{name}.png"), ann)
-  return [SIZES[i % len(SIZES)] for i in range(n)]
 
 
 def mmseg_config(tta: bool, data: Path, pth: Path | None, work_dir: Path):
   """The wheel's SegNeXt-T ADE20K config, pointed at `data` and `pth` (tools/test.py's --tta)."""
-  sys.path.insert(0, str(ROOT / "tests"))
   from segnext_jax.mmseg_reference import stub_mmcv_ops
   stub_mmcv_ops()
   import mmseg
@@ -148,10 +121,9 @@ def profile(ckpt: Path, data: Path, mode: str, cache: Path, extra: list[str]) ->
       compiles[kw.get("fun_name", "?")].append(seconds)
 
   monitoring.register_event_duration_secs_listener(listen)
-  sys.path.insert(0, str(ROOT))
-  import eval as eval_script
+  from segnext_jax.cli.eval import main as eval_main  # what eval.py runs
   t = time.perf_counter()
-  eval_script.main(eval_flags(ckpt, data, mode, cache, extra))
+  eval_main(eval_flags(ckpt, data, mode, cache, extra))
   wall = time.perf_counter() - t
   total = sum(map(sum, compiles.values()))
   print(f"\n{mode}: wall {wall:.1f} s (after imports), XLA compile {total:.1f} s in "
@@ -177,10 +149,12 @@ def main() -> None:
   args = p.parse_args()
   if args.mmseg_side:
     return mmseg_side(args)
+  if args.profile:
+    common.keep_freed_memory()  # first: before JAX starts
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    sizes = write_ade_tree(tmp / "ade", args.images)
+    sizes = common.write_ade_eval_tree(tmp / "ade", args.images)
     pth, ckpt = write_checkpoint(tmp)
     for mode in args.modes:
       if args.profile:

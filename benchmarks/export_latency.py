@@ -7,7 +7,6 @@ both files; all three compute the logits of the same 1xSxSx3 image, timed interl
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,8 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-
-from inference import interleaved_ms  # noqa: E402 (benchmarks/ share the timing helper)
+import common  # benchmarks/common.py: this script's folder is first on sys.path
 
 
 def timed(fn):
@@ -50,12 +48,12 @@ def bench_variant(variant: str, size: int, runs: int, tmp: Path) -> dict:
   from segnext_jax.checkpoint import save_converted
   variables, meta, _ = torch_io.convert_file(TorchReference(variant, tmp).path)
   ckpt = save_converted(tmp / "ckpt", variables, meta)
-  x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
+  x = common.images(1, size)
   fns, secs = runners(ckpt, tmp, x)
   outs = {}
   for name, fn in fns.items():
     outs[name], secs[f"{name}_first_call"] = timed(fn)
-  ms = dict(zip(fns, interleaved_ms(list(fns.values()), runs)))
+  ms = dict(zip(fns, common.interleaved_ms(list(fns.values()), runs)))
   err = {n: float(np.abs(o - outs["jax"]).max()) for n, o in outs.items() if n != "jax"}
   return dict(variant=variant.upper(), ms=ms, secs=secs, err=err,
               mib={f: (tmp / f"model.{f}").stat().st_size / 2**20 for f in ("onnx", "stablehlo")})
@@ -67,6 +65,7 @@ def main() -> None:
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--runs", type=int, default=7)
   args = p.parse_args()
+  common.keep_freed_memory()  # first: before JAX starts
   import onnxruntime as ort
   print(f"jax {jax.__version__} ({jax.default_backend()}), onnxruntime {ort.__version__}; "
         f"input 1x{args.size}x{args.size}x3, median of {args.runs} interleaved runs after warm-up")

@@ -33,14 +33,13 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 
-import segnext_jax  # noqa: F401 (first: on a CPU dry run, its malloc policy before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common  # benchmarks/common.py: this script's folder is first on sys.path
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from inference import interleaved_ms, median_ms  # noqa: E402
 
 SECTIONS = ("depthwise", "train", "inference", "input")
 CPU_MEASURES = dict(gradient_boundary=True, chunked_loss=True)  # the CPU row's training measures
@@ -90,8 +89,8 @@ def depthwise_section(sz: Sizes, device: str) -> dict[str, float]:
       (conv(x) ** 2).sum().backward()
       sync()
     fns.append((t_fwd, t_both))
-    fwd = interleaved_ms([f for f, _ in fns], sz.runs)
-    both = interleaved_ms([g for _, g in fns], sz.runs)
+    fwd = common.interleaved_ms([f for f, _ in fns], sz.runs)
+    both = common.interleaved_ms([g for _, g in fns], sz.runs)
     for col, a, bb in zip(totals, fwd, both):
       totals[col] += (a, bb)
   table(f"depthwise: T's {len(shapes('t', 1, sz.size))} depthwise convs at batch {sz.train_batch}, "
@@ -107,17 +106,15 @@ def jax_train_step(variant: str, batch: int, size: int, runs: int, precision: st
   from segnext_jax.config import TrainConfig
   from segnext_jax.model import init_variables
   from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
-  cfg = TrainConfig(variant=variant, batch_size=batch, precision=precision)
-  with backend.override(**policy):
-    model = build_model(cfg, 150)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  cfg = TrainConfig(variant=variant, batch_size=batch, crop_size=size, precision=precision)
+  with backend.override(**policy):  # train_step.py's JAX side, under `policy`
+    model = build_model(cfg, common.NUM_CLASSES)
     mesh = make_mesh()
-    state = create_train_state(cfg, model, init_variables(model, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-    data = shard_batch({  # as TrainLoader gives it: uint8, normalised in the step
-        "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, 150, (batch, size, size), dtype=np.uint8),
-        "hw": np.full((batch, 2), size, np.int32)}, mesh)
-    key = jax.random.key(1)
+    state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(cfg.seed))),
+                           NamedSharding(mesh, P()))
+    data = shard_batch(common.train_batch(cfg), mesh)  # as TrainLoader gives it
+    key = jax.random.key(cfg.seed + 1)
     t0 = time.perf_counter()
     step = jit_train_step(cfg, mesh).lower(state, data, key).compile()
   compile_s = time.perf_counter() - t0
@@ -129,11 +126,11 @@ def jax_train_step(variant: str, batch: int, size: int, runs: int, precision: st
   def one():
     holder["s"], metrics = step(holder["s"], data, key)
     jax.block_until_ready(metrics)
-  return {"ms": median_ms(one, runs, warmup=1), "peak_gb": peak, "compile_s": compile_s}
+  return {"ms": common.median_ms(one, runs, warmup=1), "peak_gb": peak, "compile_s": compile_s}
 
 
 def torch_train_steps(variants, batch: int, size: int, runs: int) -> dict:
-  """mmseg torch fp32 train steps, one subprocess (train_step.py --side torch) per variant."""
+  """mmseg torch fp32 train steps, one subprocess (train_step.py's torch row) per variant."""
   out = {}
   for v in variants:
     res = subprocess.run([sys.executable, str(HERE / "train_step.py"), "--variant", v, "--batch",
@@ -166,7 +163,7 @@ def train_section(sz: Sizes) -> dict[str, float]:
 def inference_section(sz: Sizes, device: str, tmp: Path) -> dict[str, float]:
   import torch
   from segnext_jax import segnext, torch_io
-  from segnext_jax.mmseg_reference import TorchReference
+  from segnext_jax.mmseg_reference import TorchReference, fix_nmf_bases
   from segnext_jax.staged import StagedForward
   rows, compile_s = [], {}
   for v in sz.variants:
@@ -175,13 +172,12 @@ def inference_section(sz: Sizes, device: str, tmp: Path) -> dict[str, float]:
     variables, _, _ = torch_io.convert_file(ref.path)
     ref.backbone.to(device)
     ref.head.to(device)
-    bases = np.asarray(variables["nmf_bases"]["decode_head"]["hamburger"]["bases"])
+    bases = np.asarray(variables["nmf_bases"]["decode_head"]["hamburger"]["bases"])  # (C, R)
+    fix_nmf_bases(ref.head, torch.from_numpy(bases).to(device))
     for batch in sz.batches:
-      x = np.random.default_rng(0).standard_normal((batch, sz.size, sz.size, 3)).astype(np.float32)
+      x = common.images(batch, sz.size)
       xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
       xj = jax.device_put(x)
-      tb = torch.from_numpy(np.array(np.broadcast_to(bases, (batch, *bases.shape)))).to(device)
-      ref.head.hamburger.ham._build_bases = lambda *a, **k: tb.clone()
       want = torch_forward(ref, xt, device, False).float().cpu().numpy().transpose(0, 2, 3, 1)
       for dtype in ("fp32", "bf16"):
         model = segnext(v, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
@@ -194,8 +190,8 @@ def inference_section(sz: Sizes, device: str, tmp: Path) -> dict[str, float]:
           t0 = time.perf_counter()
           jax.block_until_ready(staged(variables, xj))
           compile_s["staged"] = time.perf_counter() - t0
-        jms, tms = interleaved_ms([lambda: jax.block_until_ready(fwd(variables, xj)),
-                                   lambda: torch_forward(ref, xt, device, dtype == "bf16")], sz.runs)
+        jms, tms = common.interleaved_ms([lambda: jax.block_until_ready(fwd(variables, xj)),
+                                          lambda: torch_forward(ref, xt, device, dtype == "bf16")], sz.runs)
         rows.append([v.upper(), batch, dtype, f"{1e3 * batch / jms:.1f}", f"{1e3 * batch / tms:.1f}",
                      f"{tms / jms:.2f}x", f"{np.abs(out - want).max() / np.abs(want).max():.1e}"])
   table(f"inference at {sz.size}^2 (img/s; error: max abs vs torch fp32 / its max abs)",
@@ -219,10 +215,7 @@ def input_section(dry: bool, tmp: Path) -> None:
   script = HERE / "input_pipeline.py"
   cores = os.cpu_count() or 1
   workers = ["1", "2"] if dry else sorted({"1", str(max(1, cores // 2)), str(cores)}, key=int)
-  make = subprocess.run([sys.executable, str(script), "--make-data", str(tmp / "ade")],
-                        capture_output=True, text=True)
-  if make.returncode:
-    sys.exit(f"input pipeline data failed:\n{make.stderr[-3000:]}")
+  common.write_ade_train_tree(tmp / "ade")
   res = subprocess.run([sys.executable, str(script), "--data", f"ade20k:{tmp / 'ade'}", "--workers",
                         *workers, *(["--batches", "1", "--mmseg-samples", "8", "--profile-samples", "8"] if dry else [])], capture_output=True, text=True)
   if res.returncode:
@@ -251,6 +244,7 @@ def main() -> None:
   p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
   p.add_argument("--runs", type=int, default=None, help="timed runs per measure (default 10)")
   args = p.parse_args()
+  common.keep_freed_memory()  # first: before JAX starts (a CPU dry run; a GPU host keeps glibc's)
   import torch
   device = "cuda" if torch.cuda.is_available() else "cpu"
   sz = DRY if args.dry_run else FULL

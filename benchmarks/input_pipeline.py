@@ -2,6 +2,7 @@
 mmseg 1.x's own ADE20K `train_pipeline` on one core, measured in the same run.
 
   python benchmarks/input_pipeline.py --make-data /tmp/ade_bench      # 24 ADE-sized JPEGs, once
+                                                                       # (common.write_ade_train_tree)
   python benchmarks/input_pipeline.py --data ade20k:/tmp/ade_bench --workers 1 2
 
 Prints one line per worker count, `workers=N images_per_s=X` (batch 16, 512x512 crops, the ADE20K
@@ -24,37 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-REALDATA = Path("/work/shared/realdata/ade20k_val3")
-SIZES = ((512, 683), (683, 512), (512, 768), (384, 512), (512, 512), (600, 800), (480, 640),
-         (768, 1024))  # (H, W): ADE20K train images are mostly ~512 on the short side
-
-
-def make_data(out: Path, src: Path = REALDATA, count: int = 24) -> Path:
-  """An ADEChallengeData2016-style tree of `count` ADE-sized JPEG/PNG pairs (train and val) made
-  from the real samples in `src`: each a 2x2 mirror tiling of one sample resized to a SIZES entry
-  (bilinear image, nearest mask), so photos keep real texture and masks real class layouts."""
-  import cv2
-  from PIL import Image
-  images = sorted((src / "images" / "validation").glob("*.jpg"))
-  if not images:
-    raise SystemExit(f"{src}: no ADE20K sample images under images/validation")
-  for split in ("training", "validation"):
-    for kind in ("images", "annotations"):
-      (out / kind / split).mkdir(parents=True, exist_ok=True)
-  for i in range(count):
-    jpg = images[i % len(images)]
-    img = cv2.imread(str(jpg), cv2.IMREAD_COLOR)
-    mask = np.asarray(Image.open(src / "annotations" / "validation" / (jpg.stem + ".png")))
-    tile = lambda a: np.concatenate([np.concatenate([a, a[:, ::-1]], 1)] * 2, 0)
-    h, w = SIZES[i % len(SIZES)]
-    img = cv2.resize(tile(img), (w, h), interpolation=cv2.INTER_LINEAR)
-    mask = cv2.resize(np.ascontiguousarray(tile(mask)), (w, h), interpolation=cv2.INTER_NEAREST)
-    for split in ("training", "validation") if i < 4 else ("training",):
-      name = f"ADE_{split[:5]}_{i:08d}"
-      cv2.imwrite(str(out / "images" / split / f"{name}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-      Image.fromarray(mask).save(out / "annotations" / split / f"{name}.png")
-  return out
+import common  # benchmarks/common.py: this script's folder is first on sys.path
 
 
 def mmseg_rate(root: Path, samples: int) -> tuple[float, float]:
@@ -164,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--mmseg-only", metavar="DIR", help=argparse.SUPPRESS)  # the pinned child
   args = p.parse_args(argv)
   if args.make_data:
-    print(f"wrote {make_data(Path(args.make_data))}; run with --data ade20k:{args.make_data}")
+    print(f"wrote {common.write_ade_train_tree(Path(args.make_data))}; run with --data "
+          f"ade20k:{args.make_data}")
     return
   if args.mmseg_only:
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -173,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     return
   if not args.data or not args.data.startswith("ade20k:"):
     p.error("--data ade20k:DIR is required (make one with --make-data DIR)")
+  common.keep_freed_memory()  # first, as train.py: the loader's process is the trainer's
   from segnext_jax.data.datasets import make_dataset
   ds = make_dataset(args.data, "train")
   print(f"{args.data}: {len(ds)} images, batch 16, 512x512 crops, ADE20K recipe; "

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from inference import median_ms  # benchmarks/ is on sys.path
+import common  # benchmarks/common.py: this script's folder is first on sys.path
 
 
 def jax_rows(logits, labels, weights, runs: int) -> list[tuple[str, float]]:
@@ -28,7 +28,7 @@ def jax_rows(logits, labels, weights, runs: int) -> list[tuple[str, float]]:
       with backend.override(chunked_loss=chunked):
         f = jax.jit(jax.value_and_grad(lambda x, y: seg_cross_entropy(x, y, cw, avg)))
         jax.block_until_ready(f(logits, labels))
-        ms = median_ms(lambda: jax.block_until_ready(f(logits, labels)), runs)
+        ms = common.median_ms(lambda: jax.block_until_ready(f(logits, labels)), runs)
       rows.append((f"JAX {'chunked' if chunked else 'plain'}, {name}", ms))
   return rows
 
@@ -51,7 +51,7 @@ def torch_rows(logits, labels, weights, runs: int) -> list[tuple[str, float]]:
       up = resize(x, size=labels.shape[1:], mode="bilinear", align_corners=False)
       loss_fn(up, y, weight=None, ignore_index=255).backward()
     step()
-    rows.append((f"mmseg torch, {name}", median_ms(step, runs)))
+    rows.append((f"mmseg torch, {name}", common.median_ms(step, runs)))
   return rows
 
 
@@ -62,6 +62,7 @@ def main() -> None:
   p.add_argument("--classes", type=int, default=150)
   p.add_argument("--runs", type=int, default=10)
   args = p.parse_args()
+  common.keep_freed_memory()  # first: before JAX starts
   rng = np.random.default_rng(0)
   low = args.size // 8
   logits = rng.standard_normal((args.batch, low, low, args.classes)).astype(np.float32)

@@ -22,7 +22,8 @@ import time
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
-import numpy as np  # noqa: E402
+
+import common  # noqa: E402  benchmarks/common.py: this script's folder is first on sys.path
 
 # (part, regex on the op's metadata op_name): first match wins, so specific rows come first.
 PARTS: list[tuple[str, str]] = [
@@ -38,12 +39,14 @@ PARTS: list[tuple[str, str]] = [
 ]
 
 
-LOSS, OPTIMIZER = "loss (upsampled CE)", "optimizer (AdamW) + BN stats"
+# Outside the model and not differentiated: the AdamW update, BN stats and the input's
+# normalisation (train_step's device_normalize), which the name stack cannot tell apart.
+LOSS, OPTIMIZER = "loss (upsampled CE)", "optimizer (AdamW) + BN stats + input normalisation"
 
 
 def part_of(op_name: str) -> str:
   """The model part an op's name stack points to; outside the model, the loss (differentiated,
-  so under jvp) or the optimizer update."""
+  so under jvp) or OPTIMIZER."""
   if "SegNeXt" not in op_name:
     return LOSS if "jvp(" in op_name else OPTIMIZER
   for part, pattern in PARTS:
@@ -80,23 +83,23 @@ def trace_ops(fn, outdir: str) -> dict[str, tuple[float, int]]:
 
 
 def build(args):
-  """(jitted fn, its args, a call that runs it once and blocks)."""
+  """(jitted fn, its args, a call that runs it once and blocks); train: train.py's step on the
+  batch TrainLoader gives it (benchmarks/train_step.py's JAX side)."""
   from segnext_jax.config import TrainConfig
   from segnext_jax.model import init_variables
   from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
   from jax.sharding import NamedSharding, PartitionSpec as P
-  cfg = TrainConfig(variant=args.variant, batch_size=args.batch)
-  model = build_model(cfg, 150)
-  variables = init_variables(model, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  image = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
+  cfg = TrainConfig(variant=args.variant, batch_size=args.batch, crop_size=args.size)
+  model = build_model(cfg, common.NUM_CLASSES)
+  variables = init_variables(model, jax.random.key(cfg.seed))
   if args.what == "infer":
+    image = common.images(args.batch, args.size)
     fwd = jax.jit(lambda v, x: model.apply(v, x))
     return fwd, (variables, image), lambda: jax.block_until_ready(fwd(variables, image))
   mesh = make_mesh()
   state = jax.device_put(create_train_state(cfg, model, variables), NamedSharding(mesh, P()))
-  batch = shard_batch({"image": image, "label": rng.integers(0, 150, image.shape[:3]).astype(np.int32)}, mesh)
-  step, key, holder = jit_train_step(cfg, mesh), jax.random.key(1), {"s": state}
+  batch = shard_batch(common.train_batch(cfg), mesh)
+  step, key, holder = jit_train_step(cfg, mesh), jax.random.key(cfg.seed + 1), {"s": state}
 
   def once():
     holder["s"], m = step(holder["s"], batch, key)
@@ -112,6 +115,7 @@ def main() -> None:
   p.add_argument("--size", type=int, default=512)
   p.add_argument("--top", type=int, default=12, help="also list the N costliest single ops")
   args = p.parse_args()
+  common.keep_freed_memory()  # first: before JAX starts
   fn, fn_args, once = build(args)
   compiled = fn.lower(*fn_args).compile()
   names = op_names(compiled.as_text())

@@ -104,6 +104,23 @@ def segmentor_state_dict(backbone, head) -> dict:
   return sd
 
 
+def fix_nmf_bases(head, bases) -> None:
+  """Start `head`'s (an mmseg LightHamHead's) NMF from `bases`, not from torch.rand: (C, R) for
+  every image, as our fixed-bases inference does, or (B, C, R) one per image (MD_S = 1).
+  The one way the tests and benchmarks give mmseg the NMF bases they give JAX."""
+  import torch
+  b = bases if isinstance(bases, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(bases))
+  if b.ndim not in (2, 3):
+    raise ValueError(f"NMF bases of shape {tuple(b.shape)}: expected (C, R) or (B, C, R)")
+
+  def build(B: int, S: int, D: int, R: int, device=None):  # NMF2D._build_bases' signature
+    want = (B * S, D, R)
+    if tuple(b.shape) not in (want, want[1:]):
+      raise ValueError(f"NMF bases of shape {tuple(b.shape)} for a batch that needs {want}")
+    return (b if b.ndim == 3 else b[None].expand(*want)).clone()
+  head.hamburger.ham._build_bases = build
+
+
 class TorchReference:
   """A random-weight mmseg SegNeXt written to a real .pth in mmseg's checkpoint format."""
 
@@ -128,9 +145,7 @@ class TorchReference:
     """(stage maps NHWC, stride-8 logits NHWC) with the given NMF bases (B, C, R)."""
     import torch
     x = torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))
-    b = torch.from_numpy(bases)
-    nmf = self.head.hamburger.ham
-    nmf._build_bases = lambda B, S, D, R, device=None: b.clone()
+    fix_nmf_bases(self.head, bases)
     with torch.no_grad():
       feats = self.backbone(x)
       logits = self.head(feats)

@@ -65,9 +65,8 @@ def mmseg_from_pth(pth: Path):
 def mmseg_logits(segmentor, obj: dict, x: np.ndarray) -> np.ndarray:
   """Stride-8 logits (NHWC) of mmseg's segmentor, NMF started from the file's stored bases."""
   import torch
-  bases = obj["meta"]["segnext_jax"]["nmf_bases"]                     # (C, R)
-  segmentor.decode_head.hamburger.ham._build_bases = (
-      lambda b, s, d, r, device=None: bases[None].expand(b * s, d, r).clone())
+  from segnext_jax.mmseg_reference import fix_nmf_bases
+  fix_nmf_bases(segmentor.decode_head, obj["meta"]["segnext_jax"]["nmf_bases"])  # (C, R)
   with torch.no_grad():
     feats = segmentor.extract_feat(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
     return segmentor.decode_head(feats).numpy().transpose(0, 2, 3, 1)

@@ -66,10 +66,9 @@ def test_parity_all_variants_333x479(variant, tmp_path):
 def torch_train_step(ref: TorchReference, images: np.ndarray, labels: np.ndarray, bases: np.ndarray):
   """mmseg training forward (BN batch stats, 6 NMF steps, no dropout) -> loss, grads, BN stats."""
   import torch
-  from segnext_jax.mmseg_reference import train_mode_copies
+  from segnext_jax.mmseg_reference import fix_nmf_bases, train_mode_copies
   backbone, head = train_mode_copies(ref.backbone, ref.head)
-  b = torch.from_numpy(bases.copy())
-  head.hamburger.ham._build_bases = lambda B, S, D, R, device=None: b.clone()
+  fix_nmf_bases(head, bases.copy())
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
   logits = head(backbone(x))
   from mmseg.structures import SegDataSample

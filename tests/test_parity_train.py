@@ -84,14 +84,13 @@ def torch_train_step(backbone, head, images, labels, bases, dtype, gates=None):
   import torch
   from mmengine.structures import PixelData
   from mmseg.structures import SegDataSample
-  from segnext_jax.mmseg_reference import train_mode_copies
+  from segnext_jax.mmseg_reference import fix_nmf_bases, train_mode_copies
   backbone, head = train_mode_copies(backbone, head, dtype)
   pre = {}
   capture_preacts(head, pre)
   if gates is not None:
     pin_gates(head, {k: torch.from_numpy(v.transpose(0, 3, 1, 2) > 0) for k, v in gates.items()})
-  b = torch.from_numpy(bases).to(dtype)
-  head.hamburger.ham._build_bases = lambda B, S, D, R, device=None: b.clone()
+  fix_nmf_bases(head, torch.from_numpy(bases).to(dtype))
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype)
   samples = [SegDataSample(gt_sem_seg=PixelData(data=torch.from_numpy(l[None].astype(np.int64))))
              for l in labels]
