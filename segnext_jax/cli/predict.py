@@ -12,6 +12,7 @@ depend on which other images are given, or in what order.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -78,6 +79,9 @@ def _main(argv=None) -> int:
   if args.distributed:
     cli.init_distributed()
   from segnext_jax.eval import Segmenter, spread
+  # FFmpeg's own decoder messages off (set before OpenCV opens a video): a video that does not
+  # decode is one line of ours
+  os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
   from segnext_jax import video
   inputs = collect_images(args.images)
   files = [p for p in inputs if not video.is_video(p)]
