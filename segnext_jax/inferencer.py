@@ -8,7 +8,6 @@ compute them.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -62,14 +61,9 @@ class Inferencer:
 
   def _map(self, images, fn: Callable) -> Any:
     single = _is_one_image(images)
+    from segnext_jax.eval import spread
     arrays = [read(x) for x in ([images] if single else list(images))]
-    lanes = self._lanes
-    if len(lanes) == 1:
-      out = [np.asarray(fn(lanes[0], img)) for img in arrays]
-    else:
-      with cf.ThreadPoolExecutor(len(lanes)) as pool:  # one image per lane at a time
-        out = [np.asarray(r) for r in pool.map(lambda n: fn(lanes[n % len(lanes)], arrays[n]),
-                                                range(len(arrays)))]
+    out = [np.asarray(r) for r in spread.on_lanes(self._lanes, arrays, fn)]
     return out[0] if single else out
 
 

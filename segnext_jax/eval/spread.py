@@ -68,19 +68,23 @@ def predict(segmenter: Segmenter, variables: dict, images: Sequence[np.ndarray],
             what: Callable[[Segmenter, dict, np.ndarray], Any] | None = None
             ) -> Iterator[tuple[int, Any]]:
   """(index, what(segmenter, variables, image): default the (H, W) class map) of this process's
-  share of `images`, in index order; image n of the share runs on lane n % lanes (one thread
-  per device)."""
-  found = lanes(segmenter, variables, devices)
-  share = my_share(len(images))
+  share of `images`, in index order, over the local devices (`on_lanes`)."""
   what = what or (lambda seg, v, img: seg.classes(v, img))
-  classes = lambda lane, img: what(lane.segmenter, lane.variables, img)
+  share = my_share(len(images))
+  results = on_lanes(lanes(segmenter, variables, devices), [images[i] for i in share],
+                     lambda lane, img: what(lane.segmenter, lane.variables, img))
+  yield from zip(share, results)
+
+
+def on_lanes(found: Sequence[Lane], items: Sequence[Any], fn: Callable[[Lane, Any], Any]
+             ) -> Iterator[Any]:
+  """fn(lane, item) of each item, in order; item n runs on lane n % lanes, each lane in a thread
+  of its own (one item at a time per device)."""
   if len(found) == 1:
-    for i in share:
-      yield i, classes(found[0], images[i])
+    yield from (fn(found[0], item) for item in items)
     return
   with contextlib.ExitStack() as stack:
     pools = [stack.enter_context(cf.ThreadPoolExecutor(1)) for _ in found]
-    queued = [(i, pools[n % len(found)].submit(classes, found[n % len(found)], images[i]))
-              for n, i in enumerate(share)]
-    for i, future in queued:
-      yield i, future.result()
+    queued = [pools[n % len(found)].submit(fn, found[n % len(found)], item)
+              for n, item in enumerate(items)]
+    yield from (future.result() for future in queued)
