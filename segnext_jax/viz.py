@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from segnext_jax.data.ade20k_classes import ADE20K_CLASSES, ADE20K_PALETTE
+from segnext_jax.data.folder import default_palette
 
 
 def palette(meta: dict, num_classes: int) -> np.ndarray:
@@ -17,8 +18,7 @@ def palette(meta: dict, num_classes: int) -> np.ndarray:
     return np.array(meta["palette"], np.uint8)
   if num_classes == len(ADE20K_PALETTE):
     return np.array(ADE20K_PALETTE, np.uint8)
-  rng = np.random.default_rng(12345)
-  return rng.integers(40, 256, (num_classes, 3)).astype(np.uint8)
+  return np.array(default_palette(num_classes), np.uint8)
 
 
 def class_names(meta: dict, num_classes: int) -> list[str]:

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from segnext_jax import cache
 from segnext_jax.errors import InputError, UserError
 
 try:
@@ -33,7 +34,6 @@ log = logging.getLogger("segnext_jax.zoo")
 MMSEG = "https://download.openmmlab.com/mmsegmentation/v0.5/segnext/"
 PRETRAIN = "https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/segnext/"
 
-CACHE_ENV = "SEGNEXT_JAX_CACHE"   # the cache root (default: $XDG_CACHE_HOME or ~/.cache, /segnext-jax)
 URL_ENV = "SEGNEXT_JAX_ZOO_URL"   # a base URL that replaces each release's own: BASE/<file name>
 TIMEOUT_S = 60                    # per connect and per read
 ATTEMPTS = 5                      # downloads resumed within one call, while each makes progress
@@ -113,10 +113,8 @@ def named(arg: str | os.PathLike) -> Release | None:
 
 
 def cache_dir() -> Path:
-  """Where released files and their conversions live: $SEGNEXT_JAX_CACHE/zoo, else
-  $XDG_CACHE_HOME/segnext-jax/zoo, else ~/.cache/segnext-jax/zoo."""
-  root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "segnext-jax"
-  return Path(root).expanduser() / "zoo"
+  """Where released files and their conversions live: the cache root's zoo/ (cache.py)."""
+  return cache.root() / "zoo"
 
 
 def url(rel: Release) -> str:

@@ -113,7 +113,7 @@ def test_metrics_on_disk_config_replay_and_recipe_guard(workdir, capsys):
   assert replay["steps"] == 4 and replay["model_overrides"] == json.loads(json.dumps(TINY))
 
 
-def test_compile_cache_flag_keeps_a_configured_directory(tmp_path):
+def test_compile_cache_flag_keeps_a_configured_directory(tmp_path, monkeypatch):
   import jax
   from segnext_jax import cli
   before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
@@ -126,8 +126,14 @@ def test_compile_cache_flag_keeps_a_configured_directory(tmp_path):
     cli.enable_compile_cache(str(tmp_path / "flag"))
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
     jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.delenv("SEGNEXT_JAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     cli.enable_compile_cache(None)
-    assert jax.config.jax_compilation_cache_dir == str(Path(cli.DEFAULT_CACHE).expanduser())
+    assert jax.config.jax_compilation_cache_dir == str(Path("~/.cache/segnext-jax/xla").expanduser())
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("SEGNEXT_JAX_CACHE", str(tmp_path / "root"))  # the zoo's root, too
+    cli.enable_compile_cache(None)
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "root" / "xla")
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
     _, _, cache = command("train").resolve(["--compile-cache", str(tmp_path / "train_flag")])
     command("train")._compile_cache(cache)  # what train.py does with the flag

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, TorchReference, command
-from segnext_jax import zoo
+from segnext_jax import cache, zoo
 from segnext_jax.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def served(tiny_pth, tmp_path, monkeypatch):
   server = Server({row.file: tiny_pth})
   monkeypatch.setattr(zoo, "RELEASES", (*zoo.RELEASES, row))
   monkeypatch.setenv(zoo.URL_ENV, server.url)
-  monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
   yield server, row
   server.stop()
 
@@ -258,16 +258,16 @@ def test_pinned_wrong_hash_cli(tmp_path):
   src = tmp_path / "t.pth"
   torch.save({"meta": {}, "state_dict": segmentor_state_dict(*mmseg_segmentor_modules("t"))}, src)
   server = Server({rel.file: src.read_bytes()})
-  cache, out = tmp_path / "cache", tmp_path / "out"
+  cache_root, out = tmp_path / "cache", tmp_path / "out"
   script = Path(sys.executable).parent / "segnext-convert"
   cmd = [str(script)] if script.exists() else [sys.executable, str(ROOT / "convert" / "from_torch.py")]
   try:
     res = subprocess.run([*cmd, "segnext_mscan-t_ade20k", "-o", str(out)], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path,
-                         env={**os.environ, zoo.URL_ENV: server.url, zoo.CACHE_ENV: str(cache)})
+                         env={**os.environ, zoo.URL_ENV: server.url, cache.CACHE_ENV: str(cache_root)})
   finally:
     server.stop()
   assert server.requests == [(rel.file, None)]
   lines = res.stderr.strip().splitlines()
   assert res.returncode == 2 and len(lines) == 1 and "sha256" in lines[0], res.stderr
-  assert not out.exists() and files_in(cache) == []
+  assert not out.exists() and files_in(cache_root) == []

@@ -21,13 +21,17 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from segnext_jax import cpu_memory, faults
+from segnext_jax import cache, cpu_memory, faults
 from segnext_jax.errors import InputError, UserError
 
 BUG = ("this is a bug in segnext-jax, not in your input or files: please report it with the "
        "command and the traceback above")
 
-DEFAULT_CACHE = "~/.cache/segnext-jax/xla"
+
+
+def default_compile_cache() -> Path:
+  """The cache root's xla/ (cache.py: $SEGNEXT_JAX_CACHE, else ~/.cache/segnext-jax)."""
+  return cache.root() / "xla"
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs):
@@ -56,10 +60,10 @@ def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
 def enable_compile_cache(path: str | None = None) -> None:
   """Persist compiled programs on disk: a dataset's padded shapes, or a run's train step, compile
   once per machine. None: the directory JAX already has (JAX_COMPILATION_CACHE_DIR), else
-  DEFAULT_CACHE; '': leave JAX's setting as it is (off unless configured)."""
+  default_compile_cache(); '': leave JAX's setting as it is (off unless configured)."""
   import jax
   if path is None:
-    path = jax.config.jax_compilation_cache_dir or DEFAULT_CACHE
+    path = jax.config.jax_compilation_cache_dir or default_compile_cache()
   if not path:
     return
   jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
@@ -67,8 +71,8 @@ def enable_compile_cache(path: str | None = None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-COMPILE_CACHE_HELP = (f"persistent XLA compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR, "
-                      f"else {DEFAULT_CACHE}; '' to disable)")
+COMPILE_CACHE_HELP = ("persistent XLA compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR, "
+                      "else $SEGNEXT_JAX_CACHE/xla, ~/.cache/segnext-jax/xla by default; '' to disable)")
 
 
 DISTRIBUTED_HELP = ("join a multi-process run: jax.distributed.initialize() from SLURM/TPU/MPI's "

@@ -173,8 +173,9 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def default_palette(n: int) -> list[list[int]]:
-  """Fixed pseudo-random colours for classes.json files without a palette."""
-  return np.random.default_rng(0).integers(0, 256, (n, 3)).tolist()
+  """Fixed pseudo-random colours for n classes without a palette (a classes.json without one, a
+  checkpoint without one): none darker than 40, so each stays visible on an overlay."""
+  return np.random.default_rng(0).integers(40, 256, (n, 3)).tolist()
 
 
 def folder_layout(root: Path) -> tuple[Layout, dict[str, Path]]:
