@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +62,8 @@ def write_checkpoint(tmp: Path) -> tuple[Path, Path]:
   from mmseg.utils import register_all_modules
   register_all_modules()
   torch.manual_seed(0)
-  model = MODELS.build(cfg.model)
+  with contextlib.redirect_stdout(sys.stderr):  # mmseg's MSCAN prints its init_cfg: not a result
+    model = MODELS.build(cfg.model)
   from mmengine.logging import MMLogger
   MMLogger.get_current_instance().setLevel(logging.ERROR)  # init_weights logs every tensor
   model.init_weights()
