@@ -38,6 +38,7 @@ def torch_rows(logits, labels, weights, runs: int) -> list[tuple[str, float]]:
   from segnext_jax.mmseg_reference import stub_mmcv_ops
   stub_mmcv_ops()
   from mmseg.models.losses import CrossEntropyLoss
+  from segnext_jax.data import IGNORE_INDEX
   from mmseg.models.utils import resize
   y = torch.from_numpy(labels.astype(np.int64))
   rows = []
@@ -49,7 +50,7 @@ def torch_rows(logits, labels, weights, runs: int) -> list[tuple[str, float]]:
     def step():
       x = torch.from_numpy(np.ascontiguousarray(logits.transpose(0, 3, 1, 2))).requires_grad_()
       up = resize(x, size=labels.shape[1:], mode="bilinear", align_corners=False)
-      loss_fn(up, y, weight=None, ignore_index=255).backward()
+      loss_fn(up, y, weight=None, ignore_index=IGNORE_INDEX).backward()
     step()
     rows.append((f"mmseg torch, {name}", common.median_ms(step, runs)))
   return rows

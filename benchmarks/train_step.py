@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -126,10 +125,8 @@ def main() -> None:
     return
   res = {}
   for side in SIDES:
-    # the torch row: glibc's own malloc, whatever imports segnext_jax (cpu_memory.ENV opts out)
-    env = {**os.environ, "SEGNEXT_JAX_MALLOC": "system"} if side == "torch" else None
     out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True)  # run_side: whether it opts in
     if out.returncode:
       sys.exit(f"{side} side failed:\n{out.stderr[-3000:]}")
     res[side] = json.loads(out.stdout.strip().splitlines()[-1])

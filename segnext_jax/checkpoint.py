@@ -35,8 +35,6 @@ ITEMS = ("model", "opt", "meta")
 SUBDIR = "checkpoints"
 TMP_MARK = ".orbax-checkpoint-tmp"
 UNREADABLE = ".unreadable"
-# The image files predict.py reads and describe_path names: what data/files.read_image (OpenCV)
-# decodes; GIF needs OpenCV >= 4.12 (older builds: "not a readable image").
 
 log = logging.getLogger("segnext_jax.checkpoint")
 
@@ -248,6 +246,7 @@ def load_located(found: Located, *, backbone_only_ok: bool = False,
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, **overrides: Any) -> tuple[SegNeXt, dict]:
   """(model, {'params', 'batch_stats', 'nmf_bases'}) of a converted checkpoint, a train.py
-  workdir or a released model's name (docs/zoo.md); `model.apply(variables, images, train=False)` uses the stored fixed NMF bases."""
+  workdir or a released model's name (docs/zoo.md); `model.apply(variables, images,
+  train=False)` uses the stored fixed NMF bases."""
   model, variables, _ = load(ckpt_dir, **overrides)
   return model, variables

@@ -2,16 +2,17 @@
 
 XLA:CPU mallocs each execution's temporaries (gigabytes for a train step at 512x512) and frees
 them when it ends. glibc serves such sizes with a fresh mmap() and returns them with munmap(), so
-every step page-faults its whole working set again (docs/performance.md has the counts). Here glibc serves every size from one arena's heap and keeps what is freed, so
-from the second step on, a step reuses the pages of the one before (0 faults). A process opts in
+every step page-faults its whole working set again (docs/performance.md has the counts). Here
+glibc serves every size from one arena's heap and keeps what is freed, so from the second step
+on, a step reuses the pages of the one before (0 faults). A process opts in
 with keep_freed_memory() before JAX starts its threads (every command does, in cli.run; importing
 segnext_jax does not); it applies where the JAX backend will be the CPU (backend.py's table: a
 GPU/TPU host is left alone); `SEGNEXT_JAX_MALLOC=system` opts out.
 
 What is kept also includes what XLA's compiler freed, which a step's single large temp buffer
-cannot reuse; so after each XLA compilation the free pages go back to
-the system (malloc_trim, after compilations of TRIM_MIN_COMPILE_S or more; benchmarks/train_step.py
-reports the peak RSS this gives). Steps still reuse their own.
+cannot reuse; so after each XLA compilation the free pages go back to the system (malloc_trim,
+after compilations of TRIM_MIN_COMPILE_S or more; benchmarks/train_step.py reports the peak RSS
+this gives). Steps still reuse their own.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def keep_freed_memory() -> bool:
     return False
   if _jax_started():
     logging.getLogger("segnext_jax").warning(
-        "JAX ran before segnext_jax was imported, so its threads keep glibc's default malloc and "
-        "CPU steps page-fault their buffers anew each time; call "
+        "JAX ran before keep_freed_memory() was called, so its threads keep glibc's default "
+        "malloc and CPU steps page-fault their buffers anew each time; call "
         "segnext_jax.cpu_memory.keep_freed_memory() before using JAX")
     return False
   libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

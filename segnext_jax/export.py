@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import export as jax_export
 
 from segnext_jax.checkpoint import load
+from segnext_jax.errors import optional
 from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import LOGIT_STRIDE, TOTAL_STRIDE, SegNeXt
@@ -65,7 +66,7 @@ def export_onnx(model: SegNeXt, variables: dict, opset: int = OPSET):
   the symbolic input."""
   for name in ("jax2onnx", "onnx_ir"):  # plugins for other libraries, shape-inference chatter
     logging.getLogger(name).setLevel(logging.ERROR)
-  from jax2onnx import to_onnx  # the export extra
+  to_onnx = optional("jax2onnx", "export", "ONNX export").to_onnx
   spec = input_spec()  # one symbolic scope for the trace and the conversion
   closed = jax.make_jaxpr(inference_fn(model, variables))(spec)
   program = lambda images: jax.extend.core.jaxpr_as_fun(closed)(images)[0]
@@ -104,7 +105,7 @@ def onnx_metadata(proto, meta: dict) -> None:
 def write_onnx(model: SegNeXt, variables: dict, meta: dict, out: Path, opset: int) -> None:
   """export_onnx, its 1x1-conv Einsums as MatMul, metadata, and the oldest IR version that has the
   opset (onnx writes its newest; IR 8 for opset 18 loads in onnxruntime >= 1.15)."""
-  import onnx
+  onnx = optional("onnx", "export", "ONNX export")
   proto = export_onnx(model, variables, opset)
   einsums_to_matmul(proto)
   onnx_metadata(proto, meta)

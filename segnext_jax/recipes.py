@@ -46,8 +46,6 @@ RECIPES: dict[str, dict[str, Any]] = {
                     log_every=10, workdir="runs/synthetic"),
 }
 
-# The recipe fields a test pipeline uses (eval.py/predict.py on a checkpoint without a run config).
-EVAL_FIELDS = ("resize_scale", "eval_mode", "eval_crop", "eval_stride")
 
 
 # --data spec kinds: how each is written and the RECIPES row it trains with. data/datasets.py
@@ -84,10 +82,11 @@ def kind_of(spec: str) -> str:
   return DATA_SPECS[parse_spec(spec)[0]][1]
 
 
-def eval_settings(spec: str | None) -> dict[str, Any]:
-  """The test settings of a --data spec's recipe ({} for None or an unknown spec)."""
+def recipe_of(spec: str | None) -> dict[str, Any]:
+  """The RECIPES row a --data spec trains with, {} for None or an unknown spec (a field a row
+  lacks is TrainConfig's default). eval.py/predict.py take a converted checkpoint's test
+  pipeline from it (InferenceConfig.from_train)."""
   try:
-    row = {**RECIPES["ade20k"], **RECIPES[kind_of(spec)]} if spec else {}
+    return dict(RECIPES[kind_of(spec)]) if spec else {}
   except ValueError:
     return {}  # an unknown spec fails later, with make_dataset's message
-  return {k: row[k] for k in EVAL_FIELDS if k in row}

@@ -43,6 +43,14 @@ def tree_nbytes(tree: Any) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree)) + ORBAX_META_BYTES
 
 
+def saved_steps(workdir: Path, lead: bool) -> list[int]:
+  """The run's complete steps (the one answer to "is this a resume?"), once the lead process has
+  removed what an interrupted save left unfinished."""
+  if lead:
+    checkpoint.clean_unfinished(workdir, checkpoint.ITEMS)
+  return checkpoint.complete_steps(workdir, checkpoint.ITEMS)
+
+
 class RunCheckpoints:
   """WORKDIR/checkpoints of one run: `restore_latest` on resume, `save` every --ckpt-every steps
   (refused with DiskFull before writing when the last step's size does not fit), `saved`: the
@@ -50,7 +58,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir: Path, keep: int):
     self.mngr = checkpoint.manager(workdir, keep, create=True, async_save=False)
-    self.workdir, self.dir = workdir, Path(self.mngr.directory)
+    self.workdir, self.dir, self.keep = workdir, Path(self.mngr.directory), keep
     self.saved: int | None = None  # set on resume, and by each save
     self.needed = 0  # bytes one more step takes: set by check_space, grown by each save
 
@@ -81,9 +89,11 @@ class RunCheckpoints:
             "; no older step could be read either" if len(bad) > 1 else "") +
         "; move the damaged step aside (or use a new --workdir) to go on")
 
-  def check_space(self, state, saves: int, best: int = 0) -> None:
-    """Before the first step: refuse when not even one checkpoint fits, warn when the `saves`
-    checkpoints the run will keep (and its best checkpoint, `best` bytes) do not."""
+  def check_space(self, state, steps_left: int, every: int, best: int = 0) -> None:
+    """Before the first step: refuse when not even one checkpoint fits, warn when the ones the
+    run will keep (one every `every` of `steps_left` steps, at most `keep`; and its best
+    checkpoint, `best` bytes) do not."""
+    saves = min(self.keep, -(-steps_left // every))
     self.needed = tree_nbytes((state.variables(), state.opt_state))
     if self.saved is not None:
       self.needed = max(self.needed, faults.tree_bytes(self.dir / str(self.saved)))

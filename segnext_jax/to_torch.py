@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from segnext_jax import checkpoint, convert_map
+from segnext_jax.errors import optional
 from segnext_jax.data.transforms import MEAN, STD
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import SegNeXt
@@ -61,10 +62,11 @@ def torch_meta(model: SegNeXt, variables: dict, meta: dict[str, Any], step: int 
 
 
 def export_checkpoint(ckpt_dir: str | Path, out: str | Path, step: int | None = None) -> dict:
-  """Load DIR (latest step) and write its mmseg .pth; returns the written object."""
-  import torch
-  ckpt_dir, step = checkpoint.resolve(ckpt_dir, step)
-  model, variables, meta = checkpoint.load(ckpt_dir, step, backbone_only_ok=True)
+  """Load DIR (latest step, or `step`) and write its mmseg .pth; returns the written object."""
+  torch = optional("torch", "convert", "writing an mmseg .pth")
+  found = checkpoint.locate(ckpt_dir, step)  # a path, a workdir or a released model's name
+  model, variables, meta = checkpoint.load_located(found, backbone_only_ok=True)
+  step = found.step
   sd = convert_map.export_state_dict(variables, backbone_only=bool(meta.get("backbone_only")))
   obj = dict(meta=torch_meta(model, variables, meta, step),
              state_dict={k: torch.from_numpy(np.array(v)) for k, v in sd.items()})

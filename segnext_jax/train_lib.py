@@ -19,7 +19,6 @@ from segnext_jax.model import SegNeXt, segnext
 from segnext_jax.optim import lr_schedule, make_optimizer
 
 
-
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
   nmf_bases: Any = None  # the fixed inference bases, carried into every checkpoint

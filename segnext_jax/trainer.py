@@ -19,12 +19,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from segnext_jax import best_checkpoint, checkpoint, config, faults
+from segnext_jax import best_checkpoint, config, faults
 from segnext_jax.config import TrainConfig, to_json
 from segnext_jax.errors import InputError
 from segnext_jax.metric_writer import MetricWriter
 from segnext_jax.model import init_variables
-from segnext_jax.run_checkpoint import RunCheckpoints, check_resumable, tree_nbytes
+from segnext_jax.run_checkpoint import RunCheckpoints, check_resumable, saved_steps, tree_nbytes
 from segnext_jax.train_lib import (TrainState, build_model, create_train_state, jit_train_step,
                                    make_mesh, model_kwargs, shard_batch)
 
@@ -88,9 +88,7 @@ def _acquire(lock: faults.WorkdirLock) -> None:
 
 def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_after: int | None,
            progress: bool) -> dict:
-  if lead:
-    checkpoint.clean_unfinished(workdir, checkpoint.ITEMS)
-  steps = checkpoint.complete_steps(workdir, checkpoint.ITEMS)  # the one answer to "is this a resume?"
+  steps = saved_steps(workdir, lead)
   model = build_model(cfg, train_ds.num_classes)
   mesh = make_mesh()
   state = _initial_state(cfg, model, mesh, pretrained=not steps)
@@ -116,8 +114,8 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
            else "fresh run", cfg.data, cfg.variant.upper(), start + 1, cfg.steps, cfg.batch_size,
            cfg.crop_size, cfg.precision, workdir)
   log.debug("config: %s", to_json(cfg))
-  saves = min(cfg.keep_ckpts, -(-(cfg.steps - start) // cfg.ckpt_every))
-  ckpts.check_space(state, saves, best=0 if best is None else tree_nbytes(state.variables()))
+  ckpts.check_space(state, cfg.steps - start, cfg.ckpt_every,
+                    best=0 if best is None else tree_nbytes(state.variables()))
   meta = dict(variant=cfg.variant, model=model_kwargs(cfg, train_ds.num_classes),
               class_names=list(train_ds.class_names),
               palette=np.asarray(train_ds.palette).astype(int).tolist(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -171,6 +172,24 @@ def test_entry_points_and_scripts_run_the_same_commands_from_any_directory(tmp_p
   assert "--steps STEPS total iterations (default 300; ADE20K recipe 160000)" in train
   assert "--variant {t,s,b,l}" in train and "--pretrained PRETRAINED" in train
   assert "(default none)" in train and "malloc" not in train
+
+
+def test_a_missing_extra_is_one_line_naming_it(capsys, monkeypatch, tmp_path):
+  """segnext-to-torch without torch, ONNX export without jax2onnx or onnx: one line naming the
+  package and the extra that installs it, status 2 (not a traceback called a bug)."""
+  from segnext_jax import errors, export
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ModuleNotFoundError
+  assert command("to_torch").main([str(tmp_path / "ckpt"), "-o", str(tmp_path / "x.pth")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: writing an mmseg .pth needs torch, which is not installed: "
+                 "pip install -e .[convert]"], err
+  assert not (tmp_path / "x.pth").exists()
+  for module in ("jax2onnx", "onnx"):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(errors.UserError, match=rf"ONNX export needs {module}, .*\[export\]"):
+      export.write_onnx(None, {}, {}, tmp_path / "m.onnx", export.OPSET)
+    monkeypatch.delitem(sys.modules, module)
+  assert errors.optional("json", "dev", "reading").dumps([1]) == "[1]"
 
 
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(capsys, monkeypatch):

@@ -12,7 +12,7 @@ from segnext_jax.config import TrainConfig, load_preset, make_config
 from segnext_jax.data.folder import LAYOUTS
 from segnext_jax.data.voc import DEVKIT_LAYOUTS
 from segnext_jax.data.transforms import TrainPipeline
-from segnext_jax.recipes import DATA_SPECS, RECIPES, eval_settings, kind_of
+from segnext_jax.recipes import DATA_SPECS, RECIPES, kind_of, recipe_of
 
 # per kind: mmseg 1.x's _base_/datasets config (Cityscapes: the 1024 one SegNeXt trains with)
 MMSEG_BASE = {"ade20k": "ade20k.py", "cityscapes": "cityscapes_1024x1024.py",
@@ -77,8 +77,13 @@ def test_every_data_kind_has_a_preset_that_makes_a_config():
 
 
 def test_eval_defaults_come_from_the_recipe():
-  city = eval_settings("cityscapes:/data/cityscapes")
-  assert city == dict(resize_scale=(2048, 1024), eval_mode="slide", eval_crop=(1024, 1024),
-                      eval_stride=(768, 768))
-  assert eval_settings("pascal_context:/x")["resize_scale"] == (520, 520)
-  assert eval_settings(None) == {} and eval_settings("nonsense:/x") == {}
+  """A converted checkpoint's test pipeline, from its --data spec's recipe."""
+  from segnext_jax.eval.config import InferenceConfig
+  test = lambda spec: InferenceConfig.from_train(recipe_of(spec))
+  city = test("cityscapes:/data/cityscapes")
+  assert (city.scale, city.mode, city.crop, city.stride) == ((2048, 1024), "slide", (1024, 1024),
+                                                             (768, 768))
+  ade = test("ade20k:/data/ade")
+  assert (ade.scale, ade.mode, ade.crop, ade.stride) == ((2048, 512), "whole", (512, 512), (341, 341))
+  assert test("pascal_context:/x").scale == (520, 520)
+  assert recipe_of(None) == {} and recipe_of("nonsense:/x") == {}

@@ -28,7 +28,6 @@ BUG = ("this is a bug in segnext-jax, not in your input or files: please report 
        "command and the traceback above")
 
 
-
 def default_compile_cache() -> Path:
   """The cache root's xla/ (cache.py: $SEGNEXT_JAX_CACHE, else ~/.cache/segnext-jax)."""
   return cache.root() / "xla"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from segnext_jax import cli
 from segnext_jax.export import FORMATS, OPSET, export_file
+from segnext_jax.model import LOGIT_STRIDE, TOTAL_STRIDE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +40,9 @@ def _main(argv: list[str] | None = None) -> int:
   cli.quiet_absl()
   platforms = tuple(args.platforms.split(",")) if args.platforms else None
   out = export_file(args.checkpoint, args.format, args.out, args.opset, platforms)
+  up = TOTAL_STRIDE // LOGIT_STRIDE
   print(f"wrote {out} ({args.format}, {out.stat().st_size / 2**20:.1f} MiB): "
-        "images (B, 32h, 32w, 3) float32 -> logits (B, 4h, 4w, K)")
+        f"images (B, {TOTAL_STRIDE}h, {TOTAL_STRIDE}w, 3) float32 -> logits (B, {up}h, {up}w, K)")
   return 0
 
 

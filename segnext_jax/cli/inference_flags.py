@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from segnext_jax import cli
 from segnext_jax.eval.config import InferenceConfig
 from segnext_jax.eval.views import PIPELINES
-from segnext_jax.recipes import eval_settings
+from segnext_jax.recipes import recipe_of
 
 if TYPE_CHECKING:
   from segnext_jax.checkpoint import Located
@@ -77,7 +77,7 @@ def load(args: argparse.Namespace, found: Located, batch_size: int = 1) -> Loade
   if args.nmf_seed is not None:
     variables = {**variables, **fixed_bases(model, args.nmf_seed)}
     bases = f"fixed, drawn from seed {args.nmf_seed} (--nmf-seed; the stored ones unused)"
-  train = meta.get("config") or eval_settings(getattr(args, "data", None))
+  train = meta.get("config") or recipe_of(getattr(args, "data", None))
   given = dict(scale=args.scale, mode=args.mode, crop=args.crop, stride=args.stride)
   cfg = InferenceConfig.from_train(
       train, pipeline=args.pipeline, tta=args.tta, batch_size=batch_size,

@@ -89,7 +89,7 @@ def read_mask(src: Source, name: str | None = None) -> np.ndarray:
   if arr.dtype.kind not in "biu":
     raise DataError(f"{name}: mask of {arr.dtype} values; expected integer class indices")
   if arr.dtype != np.uint8:
-    if arr.size and (arr.min() < 0 or arr.max() > IGNORE_INDEX):
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.uint8).max):
       raise DataError(f"{name}: label value {int(arr.max())} out of 0..255")
     arr = arr.astype(np.uint8)
   return arr
@@ -147,6 +147,6 @@ def _checked_hist(image_hw: tuple[int, int], raw: np.ndarray, lut: np.ndarray, n
   if tuple(image_hw) != raw.shape:
     raise DataError(f"{mask_name}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image is "
                     f"{image_hw[1]}x{image_hw[0]} ({image_name})")
-  hist = cv2.calcHist([raw], [0], None, [256], [0, 256]).ravel().astype(np.int64)  # 2x bincount
+  hist = cv2.calcHist([raw], [0], None, [256], [0, 256]).ravel().astype(np.int64)
   check_label(hist, lut, num_classes, mask_name)
   return hist

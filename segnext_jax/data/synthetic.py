@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from segnext_jax.data import IGNORE_INDEX
+
 SYNTHETIC = (  # (name, RGB palette colour); class 0 is the background
   ("background", (128, 128, 128)),
   ("disc",       (220,  40,  40)),
@@ -87,7 +89,7 @@ def write_folder(root: str | Path, train: int = 200, val: int = 40, size: int = 
   so the folder has its own class count, as a user's data would."""
   root = Path(root)
   lut = np.zeros(256, np.uint8)
-  lut[255] = 255
+  lut[IGNORE_INDEX] = IGNORE_INDEX
   for new, old in enumerate(classes):
     lut[old] = new
   for split, n in (("train", train), ("val", val)):

@@ -10,6 +10,7 @@ import numpy as np
 from segnext_jax import padding
 from segnext_jax.config import TrainConfig
 from segnext_jax.errors import InputError
+from segnext_jax.model import TOTAL_STRIDE
 from segnext_jax.eval import views as views_lib
 from segnext_jax.eval.views import Pipeline, Prepared, Size, View
 
@@ -28,7 +29,7 @@ class InferenceConfig:
   crop: Size = (1024, 1024)            # slide window
   stride: Size = (768, 768)
   batch_size: int = 4                  # evaluate(): single-view images of one canvas run together
-  size_divisor: int = 32
+  size_divisor: int = TOTAL_STRIDE    # padded inference needs multiples of the network's stride
   buckets_per_octave: int = 2          # whole mode: canvas sizes per octave, each axis (0: each /32 size)
 
   def __post_init__(self):

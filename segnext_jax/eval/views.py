@@ -20,6 +20,7 @@ import numpy as np
 
 from segnext_jax.data.transforms import normalize, rescale_size, resize_image
 from segnext_jax.errors import InputError
+from segnext_jax.model import TOTAL_STRIDE
 
 Size = tuple[int, int]  # (height, width)
 Pipeline = Literal["mmseg1", "official"]
@@ -51,7 +52,7 @@ def scale_factor_size(hw: Size, ratio: float) -> Size:
   return rescale_size(hw, (int(w * ratio + 0.5), int(h * ratio + 0.5)))
 
 
-def views(hw: Size, pipeline: Pipeline, scale: Size, tta: bool, divisor: int = 32,
+def views(hw: Size, pipeline: Pipeline, scale: Size, tta: bool, divisor: int = TOTAL_STRIDE,
           ratios: tuple[float, ...] = TTA_RATIOS) -> list[View]:
   """The views of an (h, w) image, in mmseg's order (each scale unflipped, then flipped)."""
   if pipeline not in PIPELINES:
