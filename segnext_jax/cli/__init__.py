@@ -134,7 +134,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
 
 
 def is_expected(e: BaseException) -> bool:
-  """Whether `e` is the input's or the environment's (one line), not a bug (a traceback)."""
+  """Whether `e` is the input's or the environment's (one line), not a bug (a traceback). An
+  OSError naming a file (no such file, permission denied, read-only or full disk) counts: the
+  file is the user's or the machine's, and OpenCV, PIL, orbax and the OS raise it from any
+  depth, where wrapping every open in a UserError would still miss some."""
   return isinstance(e, UserError) or (isinstance(e, OSError) and bool(e.filename))
 
 
