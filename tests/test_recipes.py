@@ -85,5 +85,6 @@ def test_eval_defaults_come_from_the_recipe():
                                                              (768, 768))
   ade = test("ade20k:/data/ade")
   assert (ade.scale, ade.mode, ade.crop, ade.stride) == ((2048, 512), "whole", (512, 512), (341, 341))
+  assert InferenceConfig() == ade  # the Python API's defaults are the commands'
   assert test("pascal_context:/x").scale == (520, 520)
   assert recipe_of(None) == {} and recipe_of("nonsense:/x") == {}

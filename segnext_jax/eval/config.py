@@ -11,6 +11,7 @@ from segnext_jax import padding
 from segnext_jax.config import TrainConfig
 from segnext_jax.errors import InputError
 from segnext_jax.model import TOTAL_STRIDE
+from segnext_jax.recipes import RECIPES
 from segnext_jax.eval import views as views_lib
 from segnext_jax.eval.views import Pipeline, Prepared, Size, View
 
@@ -18,16 +19,19 @@ from segnext_jax.eval.views import Pipeline, Prepared, Size, View
 TRAIN_FIELDS = {"resize_scale": "scale", "eval_mode": "mode", "eval_crop": "crop",
                 "eval_stride": "stride"}
 
+_ADE = RECIPES["ade20k"]
+
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
   """The test pipeline (see eval/views.py), the mode, and how views are padded and batched."""
   pipeline: Pipeline = "mmseg1"
   tta: bool = False                    # multi-scale + flip, mean of softmax
-  scale: Size = (2048, 512)            # (long, short) bound of the single-scale resize (and official TTA)
-  mode: Literal["whole", "slide"] = "whole"
-  crop: Size = (1024, 1024)            # slide window
-  stride: Size = (768, 768)
+  # scale, mode, crop, stride: by default the ADE20K recipe's, as for the commands (from_train)
+  scale: Size = tuple(_ADE["resize_scale"])  # (long, short) bound of the resize (and official TTA)
+  mode: Literal["whole", "slide"] = _ADE["eval_mode"]
+  crop: Size = tuple(_ADE["eval_crop"])      # slide window
+  stride: Size = tuple(_ADE["eval_stride"])
   batch_size: int = 4                  # evaluate(): single-view images of one canvas run together
   size_divisor: int = TOTAL_STRIDE    # padded inference needs multiples of the network's stride
   buckets_per_octave: int = 2          # whole mode: canvas sizes per octave, each axis (0: each /32 size)
