@@ -104,15 +104,13 @@ def jax_train_step(variant: str, batch: int, size: int, runs: int, precision: st
   """ms/step and XLA's peak memory estimate of one train step program, built under `policy`."""
   from segnext_jax import backend
   from segnext_jax.config import TrainConfig
-  from segnext_jax.model import init_variables
-  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from segnext_jax.train_lib import build_model, jit_train_step, make_mesh, shard_batch
+  from segnext_jax.trainer import initial_state
   cfg = TrainConfig(variant=variant, batch_size=batch, crop_size=size, precision=precision)
   with backend.override(**policy):  # train_step.py's JAX side, under `policy`
     model = build_model(cfg, common.NUM_CLASSES)
     mesh = make_mesh()
-    state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(cfg.seed))),
-                           NamedSharding(mesh, P()))
+    state = initial_state(cfg, model, mesh)
     data = shard_batch(common.train_batch(cfg), mesh)  # as TrainLoader gives it
     key = jax.random.key(cfg.seed + 1)
     t0 = time.perf_counter()

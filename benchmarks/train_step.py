@@ -36,14 +36,12 @@ def config(args):
 
 def run_jax(args) -> dict:
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from segnext_jax.model import init_variables
-  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+  from segnext_jax.trainer import initial_state
+  from segnext_jax.train_lib import build_model, jit_train_step, make_mesh, shard_batch
   cfg = config(args)
   model = build_model(cfg, common.NUM_CLASSES)
   mesh = make_mesh()
-  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(cfg.seed))),
-                         NamedSharding(mesh, P()))
+  state = initial_state(cfg, model, mesh)
   batch = shard_batch(common.train_batch(cfg), mesh)
   key = jax.random.key(cfg.seed + 1)
   t0 = time.perf_counter()  # compiled once: the FLOP count and every step use this program

@@ -4,8 +4,8 @@ XLA:CPU mallocs each execution's temporaries (gigabytes for a train step at 512x
 them when it ends. glibc serves such sizes with a fresh mmap() and returns them with munmap(), so
 every step page-faults its whole working set again (docs/performance.md has the counts). Here
 glibc serves every size from one arena's heap and keeps what is freed, so from the second step
-on, a step reuses the pages of the one before (0 faults). A process opts in
-with keep_freed_memory() before JAX starts its threads (every command does, in cli.run; importing
+on, a step reuses the pages of the one before (0 faults). A process opts in with
+keep_freed_memory() before JAX starts its threads (every command does, in cli.run; importing
 segnext_jax does not); it applies where the JAX backend will be the CPU (backend.py's table: a
 GPU/TPU host is left alone); `SEGNEXT_JAX_MALLOC=system` opts out.
 

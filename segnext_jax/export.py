@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import export as jax_export
 
 from segnext_jax.checkpoint import load
-from segnext_jax.errors import optional
 from segnext_jax.data.transforms import MEAN, STD
+from segnext_jax.errors import optional
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import LOGIT_STRIDE, TOTAL_STRIDE, SegNeXt
 

@@ -47,7 +47,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-
 # --data spec kinds: how each is written and the RECIPES row it trains with. data/datasets.py
 # reads each kind (its readers' tables: data/folder.py LAYOUTS, data/voc.py DEVKIT_LAYOUTS).
 DATA_SPECS: dict[str, tuple[str, str]] = {

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from segnext_jax import checkpoint, convert_map
-from segnext_jax.errors import optional
 from segnext_jax.data.transforms import MEAN, STD
+from segnext_jax.errors import optional
 from segnext_jax.ham_head import FIXED_BASES
 from segnext_jax.model import SegNeXt
 

@@ -91,7 +91,7 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   steps = saved_steps(workdir, lead)
   model = build_model(cfg, train_ds.num_classes)
   mesh = make_mesh()
-  state = _initial_state(cfg, model, mesh, pretrained=not steps)
+  state = initial_state(cfg, model, mesh, pretrained=not steps)
   ckpts = RunCheckpoints(workdir, cfg.keep_ckpts)
   if steps:
     state = ckpts.restore_latest(state, steps, mesh)
@@ -125,7 +125,8 @@ def _train(cfg: TrainConfig, workdir: Path, lead: bool, train_ds, val_ds, stop_a
   return run.loop(train_ds)
 
 
-def _initial_state(cfg: TrainConfig, model, mesh: jax.sharding.Mesh, pretrained: bool) -> TrainState:
+def initial_state(cfg: TrainConfig, model, mesh: jax.sharding.Mesh, pretrained: bool = True
+                  ) -> TrainState:
   """A fresh state on the mesh (replicated): seeded init, then --pretrained's weights on a
   fresh run (a resumed run takes every weight from its checkpoint)."""
   variables = init_variables(model, jax.random.key(cfg.seed))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from segnext_jax.model import VARIANTS
-from segnext_jax.mmseg_reference import TorchReference, fix_nmf_bases, stub_mmcv_ops
+from segnext_jax.mmseg_reference import TorchReference, stub_mmcv_ops
 
 ADE_VAL3 = Path(__file__).parent / "data" / "ade20k_val3"
 
@@ -16,11 +16,6 @@ ADE_VAL3 = Path(__file__).parent / "data" / "ade20k_val3"
 def fixed_bases(variables: dict) -> np.ndarray:
   """The (C, R) inference bases stored in our variables."""
   return np.asarray(variables["nmf_bases"]["decode_head"]["hamburger"]["bases"])
-
-
-def use_bases(seg, bases: np.ndarray) -> None:
-  """Make mmseg's NMF start every image from `bases` (C, R), as our fixed-bases inference does."""
-  fix_nmf_bases(seg.decode_head, bases)
 
 
 def segmentor(ref: TorchReference, mode: str = "whole", crop=None, stride=None,

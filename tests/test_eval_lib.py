@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY, xla_programs
-from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor, use_bases
+from mmseg_eval import fixed_bases, iou_metric, predict_view, segmentor
+from segnext_jax.mmseg_reference import fix_nmf_bases
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import rescale_size, resize_image
 from segnext_jax.eval import (CompiledForward, InferenceConfig, Segmenter, View, confusion_matrix,
@@ -84,7 +85,7 @@ def test_predictor_matches_mmseg_test_pipeline(torch_ref_t, converted_t, mode):
   ours = Segmenter.for_model(model, cfg).scores(variables, img)
   resized = resize_image(img, rescale_size(img.shape[:2], cfg.scale))  # mmseg's Resize: cv2 too
   seg = segmentor(torch_ref_t, mode, crop=cfg.crop, stride=cfg.stride)
-  use_bases(seg, fixed_bases(variables))
+  fix_nmf_bases(seg.decode_head, fixed_bases(variables))
   ref = predict_view(seg, resized, img.shape[:2])
   assert ours.shape == ref.shape == (83, 121, 150)
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
@@ -101,7 +102,7 @@ def test_inferencer_gives_mmseg_seg_logits(torch_ref_t, converted_t, tmp_path):
   img = (np.random.default_rng(0).random((83, 121, 3)) * 255).astype(np.uint8)
   ours = seg.logits(img)
   mm = segmentor(torch_ref_t)
-  use_bases(mm, fixed_bases(variables))
+  fix_nmf_bases(mm.decode_head, fixed_bases(variables))
   ref = predict_view(mm, resize_image(img, rescale_size(img.shape[:2], (200, 100))), img.shape[:2])
   assert ours.shape == ref.shape == (83, 121, 150)
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
@@ -120,7 +121,7 @@ def test_flipped_view_matches_mmseg_postprocess(torch_ref_t, converted_t):
   assert logits.shape[:2] == (64 // 8, 96 // 8)  # /32 input 64x96 (also its canvas)
   ours = to_original(logits, prepared.size, img.shape[:2], flip=True, padded=prepared.padded)
   seg = segmentor(torch_ref_t)
-  use_bases(seg, fixed_bases(variables))
+  fix_nmf_bases(seg.decode_head, fixed_bases(variables))
   ref = predict_view(seg, resize_image(img, view.size)[:, ::-1], img.shape[:2], flip=True)
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmseg_eval import (ADE_VAL3, ade20k_config, fixed_bases, iou_metric, predict_view, segmentor,
-                        use_bases)
-from segnext_jax.mmseg_reference import stub_mmcv_ops
+from mmseg_eval import ADE_VAL3, ade20k_config, fixed_bases, iou_metric, predict_view, segmentor
+from segnext_jax.mmseg_reference import fix_nmf_bases, stub_mmcv_ops
 from segnext_jax import segnext, torch_io
 from segnext_jax.data.transforms import reduce_zero_label
 from segnext_jax.eval import (TTA_RATIOS, InferenceConfig, Segmenter, confusion_matrix,
@@ -121,7 +120,7 @@ def test_tta_mmseg1_matches_seg_tta_model(torch_ref_t, converted, small_ade):
     results = t(results)
   assert len(results["inputs"]) == 2 * len(TTA_RATIOS)
   seg = segmentor(torch_ref_t, bgr_to_rgb=True)  # LoadImageFromFile gives BGR, as in the config
-  use_bases(seg, fixed_bases(variables))
+  fix_nmf_bases(seg.decode_head, fixed_bases(variables))
   tta = RecordingTTA(seg)
   with torch.no_grad():
     (merged,) = tta.test_step(pseudo_collate([results]))
@@ -145,7 +144,7 @@ def test_tta_official_matches_encoder_decoder_views(torch_ref_t, converted, smal
   model, variables = converted
   scale = (256, 64)  # a smaller bound than ADE20K's (2048, 512): small views for a fast test
   seg = segmentor(torch_ref_t)
-  use_bases(seg, fixed_bases(variables))
+  fix_nmf_bases(seg.decode_head, fixed_bases(variables))
   probs = [torch.from_numpy(predict_view(seg, view, img.shape[:2], flip)).softmax(-1)
            for view, flip in official_views_numpy(img, scale, TTA_RATIOS)]
   ref_prob = torch.stack(probs).mean(0).numpy()

@@ -87,16 +87,15 @@ def _uint8_batch(n: int, size: int = 64) -> dict:
 
 def test_loss_decreases_on_a_fixed_batch():
   """The trainer's own step (a uint8 batch, normalised in the step) at a higher lr than the recipe's."""
-  from segnext_jax.model import init_variables
-  from segnext_jax.train_lib import build_model, create_train_state, jit_train_step, make_mesh, shard_batch
+  from segnext_jax.train_lib import build_model, jit_train_step, make_mesh, shard_batch
+  from segnext_jax.trainer import initial_state
   cfg = make_config(RECIPES["synthetic"], dict(TINY_RUN, steps=30, lr=3e-3))
   batch = _uint8_batch(4)
   model = build_model(cfg, 6)
   mesh = make_mesh()
   # placed as train_and_evaluate places it: a state on another sharding than the step returns
   # would compile the step a second time at the second call
-  state = jax.device_put(create_train_state(cfg, model, init_variables(model, jax.random.key(cfg.seed))),
-                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = initial_state(cfg, model, mesh)
   step = jit_train_step(cfg, mesh)
   losses = []
   for _ in range(25):

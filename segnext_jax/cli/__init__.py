@@ -70,8 +70,9 @@ def enable_compile_cache(path: str | None = None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-COMPILE_CACHE_HELP = ("persistent XLA compilation cache directory (default: $JAX_COMPILATION_CACHE_DIR, "
-                      "else $SEGNEXT_JAX_CACHE/xla, ~/.cache/segnext-jax/xla by default; '' to disable)")
+COMPILE_CACHE_HELP = ("persistent XLA compilation cache directory (default: "
+                      "$JAX_COMPILATION_CACHE_DIR, else $SEGNEXT_JAX_CACHE/xla, "
+                      "~/.cache/segnext-jax/xla by default; '' to disable)")
 
 
 DISTRIBUTED_HELP = ("join a multi-process run: jax.distributed.initialize() from SLURM/TPU/MPI's "

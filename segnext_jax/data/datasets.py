@@ -15,7 +15,7 @@ from segnext_jax.data.files import DataError, DataWarning, MissingDataError, rea
 from segnext_jax.data.folder import SPLITS, FolderDataset, folder_dataset
 from segnext_jax.data.synthetic import Synthetic
 from segnext_jax.data.voc import DEVKIT_LAYOUTS, devkit_dataset
-from segnext_jax.errors import InputError, UserError
+from segnext_jax.errors import InputError, optional
 from segnext_jax.recipes import parse_spec
 
 __all__ = ["DataError", "DataWarning", "FolderDataset", "MissingDataError", "SegDataset", "Synthetic",
@@ -60,11 +60,8 @@ def make_dataset(spec: str, split: str) -> SegDataset:
   if kind == "synthetic":
     return Synthetic(length=2000 if split == "train" else 64, split=split)
   if kind == "tfds":
-    try:
-      from segnext_jax.data.tfds_ade20k import TFDSADE20K
-    except ModuleNotFoundError as e:
-      raise UserError(f"tfds:{TFDS_NAME} needs tensorflow-datasets ({e}): "
-                        "pip install -e .[tfds]") from None
+    optional("tensorflow_datasets", "tfds", f"tfds:{TFDS_NAME}")
+    from segnext_jax.data.tfds_ade20k import TFDSADE20K
     data_dir = arg.partition(":")[2] or None
     return TFDSADE20K("train" if split == "train" else "validation", data_dir)
   if kind in DEVKIT_LAYOUTS:

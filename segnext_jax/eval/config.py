@@ -10,10 +10,10 @@ import numpy as np
 from segnext_jax import padding
 from segnext_jax.config import TrainConfig
 from segnext_jax.errors import InputError
-from segnext_jax.model import TOTAL_STRIDE
-from segnext_jax.recipes import RECIPES
 from segnext_jax.eval import views as views_lib
 from segnext_jax.eval.views import Pipeline, Prepared, Size, View
+from segnext_jax.model import TOTAL_STRIDE
+from segnext_jax.recipes import RECIPES
 
 # TrainConfig field -> InferenceConfig field: the validation inference a training run describes.
 TRAIN_FIELDS = {"resize_scale": "scale", "eval_mode": "mode", "eval_crop": "crop",
